@@ -1,0 +1,21 @@
+"""Test setup: 8 simulated CPU devices, configured before JAX initialises its backends."""
+import os
+import pathlib
+
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+
+import jax  # noqa: E402
+
+jax.config.update('jax_num_cpu_devices', 8)
+
+import pytest  # noqa: E402
+
+FIXTURES = pathlib.Path(__file__).parent / 'fixtures'
+
+
+def fixture_path(*parts: str) -> pathlib.Path:
+  """A golden fixture; a missing file fails the test loudly instead of skipping it."""
+  path = FIXTURES.joinpath(*parts)
+  if not path.exists():
+    pytest.fail(f'missing test fixture {path} (copy it from ../shared/fixtures)')
+  return path
