@@ -8,6 +8,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from visaudio_jax.model.config import NetworkConfig
 from visaudio_jax.model.layers import (Conv1d, Dense, RMSNorm, SwiGLU, apply_rope, attention,
@@ -77,17 +78,33 @@ class JointBlock(nn.Module):
   """Latent (per ear), clip and text streams attending jointly.
 
   'concat': one attention over [latent_L | latent_R | clip | text]; L and R share temporal RoPE
-  positions, so each ear sees the other at the same instant. 'sequential': ear e attends over
-  [latent_e | clip | text], then the clip/text streams are updated before the next ear.
+  positions, so each ear sees the other at the same instant. A learned per-head logit bias on latent
+  keys (same ear / other ear / from clip-text queries), initialised to -log E, makes the E copies of a
+  key count once: a binaural model copied from MMAudio reproduces it exactly when the ears are equal.
+  'sequential': ear e attends over [latent_e | clip | text], then the clip/text streams are updated
+  before the next ear (so it does not reduce to MMAudio at initialisation).
   Scan-compatible: (carry, *broadcast) -> (carry, None).
   """
   cfg: NetworkConfig
   pre_only: bool = False
 
   def setup(self):
-    self.latent_block = SingleBlock(self.cfg, 3, branches=self.cfg.per_ear_branches)
-    self.clip_block = SingleBlock(self.cfg, 3, self.pre_only)
-    self.text_block = SingleBlock(self.cfg, 1, self.pre_only)
+    cfg = self.cfg
+    self.latent_block = SingleBlock(cfg, 3, branches=cfg.per_ear_branches)
+    self.clip_block = SingleBlock(cfg, 3, self.pre_only)
+    self.text_block = SingleBlock(cfg, 1, self.pre_only)
+    if cfg.joint_mode == 'concat' and cfg.channels > 1:
+      init = nn.initializers.constant(-np.log(cfg.channels))
+      self.ear_logit_bias = self.param('ear_logit_bias', nn.with_logical_partitioning(init, (None, 'heads')),
+                                       (3, cfg.num_heads), jnp.dtype(cfg.param_dtype))
+
+  def _ear_bias(self, e: int, n: int, n_streams: int) -> Array:
+    """(H, Q, K) logit bias for [latent ear 0 .. ear E-1 | clip | text] x the same keys."""
+    group = np.concatenate([np.repeat(np.arange(e), n), np.full(n_streams, -1)])
+    q, k = group[:, None], group[None, :]
+    kind = np.where(k < 0, 3, np.where(q < 0, 2, np.where(q == k, 0, 1)))  # self, cross, stream, none
+    table = jnp.concatenate([self.ear_logit_bias, jnp.zeros((1, self.cfg.num_heads), self.ear_logit_bias.dtype)])
+    return jnp.moveaxis(table[kind], -1, 0)
 
   def __call__(self, carry, global_c, extended_c, latent_rot, clip_rot):
     latent, clip, text = carry  # (B, E, N, D), (B, Lc, D), (B, Lt, D)
@@ -111,7 +128,8 @@ class JointBlock(nn.Module):
       flat = lambda x: x.reshape((b, e * n) + x.shape[3:])
       q, k, v = (jnp.concatenate([flat(l), c, t], axis=1)
                  for l, c, t in zip((lq, lk, lv), c_qkv, t_qkv))
-      out = attn(q, k, v)  # (B, E*N + Lc + Lt, H, Dh)
+      bias = self._ear_bias(e, n, q.shape[1] - e * n) if e > 1 else None
+      out = attention(q, k, v, self.cfg.attention_impl, self.cfg.matmul_precision, bias)  # (B, E*N+Lc+Lt, H, Dh)
       latent_out = out[:, :e * n].reshape((b, e, n) + out.shape[2:])
       clip, text = post_streams(out, clip, text, cmod, tmod)
     else:

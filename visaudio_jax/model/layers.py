@@ -201,13 +201,18 @@ def apply_rope(x: Array, rot: Array) -> Array:
   return jnp.stack([out0, out1], axis=-1).reshape(x.shape).astype(x.dtype)
 
 
-def attention(q: Array, k: Array, v: Array, impl: str = 'reference', precision: str = 'default') -> Array:
-  """Unmasked softmax(q k^T / sqrt(Dh)) v. q (B, Lq, H, Dh), k/v (B, Lk, H, Dh) -> (B, Lq, H, Dh)."""
+def attention(q: Array, k: Array, v: Array, impl: str = 'reference', precision: str = 'default',
+              bias: Array | None = None) -> Array:
+  """softmax(q k^T / sqrt(Dh) + bias) v, no mask. q (B, Lq, H, Dh), k/v (B, Lk, H, Dh), optional
+  logit bias (H, Lq, Lk) -> (B, Lq, H, Dh)."""
   if impl != 'reference':
-    return jax.nn.dot_product_attention(q, k, v, implementation=impl)
+    return jax.nn.dot_product_attention(q, k, v, None if bias is None else bias[None].astype(q.dtype),
+                                        implementation=impl)
   ctype = norm_dtype(q.dtype)
   scale = 1.0 / np.sqrt(q.shape[-1])
   logits = jnp.einsum('bqhd,bkhd->bhqk', q, k, preferred_element_type=ctype,
                       precision=PRECISIONS[precision]) * scale
+  if bias is not None:
+    logits = logits + bias[None].astype(ctype)
   weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
   return jnp.einsum('bhqk,bkhd->bqhd', weights, v, precision=PRECISIONS[precision])

@@ -19,15 +19,80 @@ MMAUDIO_PRESETS: dict[str, dict] = {
 DEFAULT_SPACETIME = dict(enabled=True, pe_dim=768, grid_h=14, grid_w=14, fps=4.0, pool_dim=256, pool_heads=4)
 
 
+TINY_MODEL = dict(
+    # Identity codec: the latent is 32 normalised log-mel bins at the mel frame rate.
+    latent_dim=32, sample_rate=16000, hop_length=256, latent_downsample=1, duration_s=2.0,
+    clip_dim=64, sync_dim=48, text_dim=64, text_seq_len=16,
+    hidden_dim=64, depth=4, fused_depth=2, num_heads=2, mlp_ratio=4.0,
+)
+TINY_SPACETIME = dict(enabled=True, pe_dim=32, grid_h=4, grid_w=4, fps=4.0, pool_dim=32, pool_heads=2)
+
+PRESETS = {**MMAUDIO_PRESETS, 'tiny': TINY_MODEL}
+
+
 def model_config(preset: str, mono: bool = False) -> ml_collections.ConfigDict:
-  """A config file's `model` block: the MMAudio preset, binaural (ViSAudio) unless `mono`."""
-  if preset not in MMAUDIO_PRESETS:
-    raise ValueError(f'unknown preset {preset!r}; expected one of {sorted(MMAUDIO_PRESETS)}')
-  model = dict(MMAUDIO_PRESETS[preset])
+  """A config file's `model` block: the preset, binaural (ViSAudio) unless `mono`."""
+  if preset not in PRESETS:
+    raise ValueError(f'unknown preset {preset!r}; expected one of {sorted(PRESETS)}')
+  model = dict(PRESETS[preset])
+  spacetime = TINY_SPACETIME if preset == 'tiny' else DEFAULT_SPACETIME
   if mono:
-    model.update(channels=1, spacetime=dict(DEFAULT_SPACETIME, enabled=False))
+    model.update(channels=1, spacetime=dict(spacetime, enabled=False))
   else:
-    model.update(channels=2, branch_weights='separate', joint_mode='concat', spacetime=dict(DEFAULT_SPACETIME))
+    model.update(channels=2, branch_weights='separate', joint_mode='concat', spacetime=dict(spacetime))
   model.update(dtype='float32', param_dtype='float32', matmul_precision='default',
                attention_impl='reference', remat_policy='none', scan_layers=False)
   return ml_collections.ConfigDict(model)
+
+
+# Logical axis -> mesh axis rules over the mesh ('data', 'fsdp', 'tensor') (MaxText-style).
+LOGICAL_AXIS_RULES = (
+    ('activation_batch', ('data', 'fsdp')),
+    ('activation_ear', None),
+    ('activation_length', None),
+    ('activation_embed', None),
+    ('embed', 'fsdp'),
+    ('embed_out', 'tensor'),
+    ('mlp', 'tensor'),
+    ('heads', 'tensor'),
+    ('heads_merged', 'tensor'),
+    ('head_dim', None),
+    ('qkv', None),
+    ('cond', None),
+    ('latent', None),
+    ('conv_window', None),
+    ('ear', None),
+    ('layers', None),
+)
+
+FLAGS = ('mono', 'scan', 'remat', 'bf16', 'sequential', 'shared')
+
+
+def experiment_config(preset: str, arg: str | None = None) -> ml_collections.ConfigDict:
+  """A whole config file: model, flow matching, sampling, sharding. `arg` is a comma-separated list
+  of flags: mono (MMAudio itself), scan (nn.scan over blocks), remat (full rematerialisation),
+  bf16 (bfloat16 compute), sequential (joint_mode), shared (branch_weights)."""
+  flags = [f for f in (arg or '').split(',') if f]
+  unknown = set(flags) - set(FLAGS)
+  if unknown:
+    raise ValueError(f'unknown config flags {sorted(unknown)}; known: {FLAGS}')
+  model = model_config(preset, mono='mono' in flags)
+  model.scan_layers = 'scan' in flags
+  model.remat_policy = 'full' if 'remat' in flags else 'none'
+  if 'bf16' in flags:
+    model.dtype = 'bfloat16'
+  if 'sequential' in flags:
+    model.joint_mode = 'sequential'
+  if 'shared' in flags:
+    model.branch_weights = 'shared'
+  config = ml_collections.ConfigDict()
+  config.preset = preset
+  config.seed = 0
+  config.model = model
+  config.flow = ml_collections.ConfigDict(dict(
+      min_sigma=0.0, t_mean=0.0, t_scale=1.0, null_video_prob=0.1, null_text_prob=0.1,
+      cfg_strength=4.5, num_steps=25, method='euler'))
+  config.sample = ml_collections.ConfigDict(dict(batch_size=2, negative_prompt=''))
+  config.mesh = ml_collections.ConfigDict(dict(shape=(-1, 1, 1), axes=('data', 'fsdp', 'tensor')))
+  config.logical_axis_rules = [list(r) for r in LOGICAL_AXIS_RULES]
+  return config

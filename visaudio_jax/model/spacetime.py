@@ -32,7 +32,7 @@ class SpacetimeModule(nn.Module):
     ear_pos = self.param('ear_pos_emb', partitioned(nn.initializers.normal(0.02), ('ear', None, 'embed')),
                          (cfg.channels, h * w, st.pool_dim), common['param_dtype'])
     x = layer_norm(tokens[:, None] + jnp.asarray(ear_pos, tokens.dtype)[None, :, None])  # (B, E, T, S, P)
-    k = Dense((heads, head_dim), 'embed', ('heads', 'head_dim'), name='key', **common)(x)
+    k = Dense((heads, head_dim), 'embed', ('heads', 'head_dim'), use_bias=False, name='key', **common)(x)  # a key bias cannot change a softmax over keys
     v = Dense((heads, head_dim), 'embed', ('heads', 'head_dim'), name='value', **common)(x)
     query = self.param('ear_query', partitioned(nn.initializers.normal(1.0), ('ear', 'heads', 'head_dim')),
                        (cfg.channels, heads, head_dim), common['param_dtype'])

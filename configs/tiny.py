@@ -1,0 +1,12 @@
+"""Tiny binaural net (3.1 M params; 1.95 M mono) for CPU demos and tests; the identity-mel latent needs no pretrained codec.
+
+Run:  python sample.py --config=configs/tiny.py
+Arg:  comma-separated flags, e.g. --config=configs/tiny.py:mono,scan,remat,bf16
+      (mono = MMAudio itself; scan/remat/bf16 = memory and speed; sequential/shared = ViSAudio variants).
+Override any field: --config.model.duration_s=10 --config.flow.num_steps=50
+"""
+from visaudio_jax.model import presets
+
+
+def get_config(arg=None):
+  return presets.experiment_config('tiny', arg)
