@@ -7,6 +7,9 @@ os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 import jax  # noqa: E402
 
 jax.config.update('jax_num_cpu_devices', 8)
+# Tests compile the same tiny programs many times over; a persistent cache dedupes them.
+jax.config.update('jax_compilation_cache_dir', str(pathlib.Path(__file__).parents[1] / '.pytest_cache' / 'jax'))
+jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
 
 import pytest  # noqa: E402
 

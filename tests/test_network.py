@@ -5,6 +5,7 @@ checkpoints, built by the original code on the meta device) and the tiny golden 
 (shared/fixtures/mmaudio_net/README.md).
 """
 import dataclasses
+import functools
 import importlib.util
 import json
 import pathlib
@@ -90,7 +91,7 @@ def test_sequence_lengths_follow_duration(duration, lens16, lens44):
 
 def _tiny_binaural(**overrides) -> NetworkConfig:
   spacetime = SpacetimeConfig(enabled=True, pe_dim=8, grid_h=3, grid_w=2, fps=2.0, pool_dim=16, pool_heads=2)
-  return dataclasses.replace(tiny_config('tiny_v1'), channels=2, spacetime=spacetime, duration_s=2.0, **overrides)
+  return dataclasses.replace(tiny_config('tiny_v1'), channels=2, spacetime=spacetime, **({'duration_s': 2.0} | overrides))
 
 
 def _features(cfg: NetworkConfig, batch: int = 2, seed: int = 0) -> dict:
@@ -127,9 +128,14 @@ def test_binaural_init_from_mmaudio_reproduces_it_on_each_ear(branch_weights):
   assert rel_err(ref, io['f32/forward']) < 2e-6  # our own mono port agrees with the torch f32 run
 
 
-def _init(cfg, seed=0):
-  params = nn.meta.unbox(mmaudio.init_params(cfg, seed))
-  return _perturb(params)
+@functools.cache
+def fresh_params(cfg: NetworkConfig):
+  """Fresh init, cached per config: compiling the init of even a tiny net takes XLA ~10 s."""
+  return jax.tree.map(np.asarray, nn.meta.unbox(mmaudio.init_params(cfg)))
+
+
+def _init(cfg):
+  return _perturb(fresh_params(cfg))
 
 
 def test_scan_equals_unrolled():
@@ -187,7 +193,7 @@ def test_ears_interact_and_spacetime_is_per_ear(joint_mode):
 
 def test_fresh_spacetime_projection_is_zero():
   cfg = _tiny_binaural()
-  params = nn.meta.unbox(mmaudio.init_params(cfg))['params']
+  params = fresh_params(cfg)['params']
   assert not np.any(params['spacetime']['out_proj']['kernel']) and not np.any(params['spacetime']['out_proj']['bias'])
   assert params['audio_input_proj_conv']['kernel'].shape[0] == 2  # per-ear branch weights
 

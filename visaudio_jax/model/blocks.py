@@ -17,6 +17,7 @@ from visaudio_jax.model.layers import (Conv1d, Dense, RMSNorm, SwiGLU, apply_rop
 Array = jax.Array
 LATENT_AXES = ('activation_batch', 'activation_ear', 'activation_length', 'activation_embed')
 STREAM_AXES = ('activation_batch', 'activation_length', 'activation_embed')
+HEAD_AXES = ('activation_batch', 'activation_length', 'activation_heads', None)
 
 
 def _common(cfg: NetworkConfig) -> dict:
@@ -119,14 +120,16 @@ class JointBlock(nn.Module):
       return (cq, ck, cv), (tq, tk, tv), cmod, tmod
 
     def post_streams(out, clip, text, cmod, tmod):
-      clip = self.clip_block.post_attention(clip, _merge_heads(out[:, -lc - text.shape[1]:-text.shape[1]]), cmod)
-      text = self.text_block.post_attention(text, _merge_heads(out[:, -text.shape[1]:]), tmod)
+      start = out.shape[1] - lc - text.shape[1]  # streams follow the latent tokens
+      clip_out, text_out = jnp.split(out[:, start:], [lc], axis=1)
+      clip = self.clip_block.post_attention(clip, _merge_heads(clip_out), cmod)
+      text = self.text_block.post_attention(text, _merge_heads(text_out), tmod)
       return clip, text
 
     if self.cfg.joint_mode == 'concat':
       c_qkv, t_qkv, cmod, tmod = streams_qkv(clip, text)
       flat = lambda x: x.reshape((b, e * n) + x.shape[3:])
-      q, k, v = (jnp.concatenate([flat(l), c, t], axis=1)
+      q, k, v = (nn.with_logical_constraint(jnp.concatenate([flat(l), c, t], axis=1), HEAD_AXES)
                  for l, c, t in zip((lq, lk, lv), c_qkv, t_qkv))
       bias = self._ear_bias(e, n, q.shape[1] - e * n) if e > 1 else None
       out = attention(q, k, v, self.cfg.attention_impl, self.cfg.matmul_precision, bias)  # (B, E*N+Lc+Lt, H, Dh)
@@ -136,7 +139,7 @@ class JointBlock(nn.Module):
       latent_outs = []
       for ear in range(e):
         c_qkv, t_qkv, cmod, tmod = streams_qkv(clip, text)
-        q, k, v = (jnp.concatenate([l[:, ear], c, t], axis=1)
+        q, k, v = (nn.with_logical_constraint(jnp.concatenate([l[:, ear], c, t], axis=1), HEAD_AXES)
                    for l, c, t in zip((lq, lk, lv), c_qkv, t_qkv))
         out = attn(q, k, v)
         latent_outs.append(out[:, :n])

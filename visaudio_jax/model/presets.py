@@ -51,6 +51,7 @@ LOGICAL_AXIS_RULES = (
     ('activation_ear', None),
     ('activation_length', None),
     ('activation_embed', None),
+    ('activation_heads', 'tensor'),
     ('embed', 'fsdp'),
     ('embed_out', 'tensor'),
     ('mlp', 'tensor'),
