@@ -254,15 +254,17 @@ def load_mmaudio(path: str | os.PathLike, variant: str | NetworkConfig | None = 
 
 
 def to_binaural(cfg: NetworkConfig, params: Params, channels: int = 2, spacetime=None,
-                seed: int = 0) -> tuple[NetworkConfig, Params]:
+                seed: int = 0, **overrides) -> tuple[NetworkConfig, Params]:
   """Initialise the dual-branch model from mono weights: each ear a copy of the MMAudio branch;
   new ViSAudio params (spacetime module, empty PE token, ear embedding) take their fresh init, with
-  the spacetime output projection at zero, so each ear initially outputs MMAudio's flow."""
+  the spacetime output projection at zero, so each ear initially outputs MMAudio's flow (exactly, for
+  equal ears, in the default concat mode). `overrides` set other fields of the new config
+  (branch_weights, joint_mode, dtype...)."""
   if cfg.channels != 1:
     raise ValueError(f'to_binaural: expected a mono config, got channels={cfg.channels}')
   mono = layout.unstack_layers(params, cfg) if cfg.scan_layers else params
   spacetime = spacetime or dataclasses.replace(cfg.spacetime, enabled=True)
-  new_cfg = dataclasses.replace(cfg, channels=channels, spacetime=spacetime)
+  new_cfg = dataclasses.replace(cfg, channels=channels, spacetime=spacetime, **overrides)
   unrolled = dataclasses.replace(new_cfg, scan_layers=False)
   fresh = jax.tree.map(np.asarray, nn.meta.unbox(init_params(unrolled, seed)))
 

@@ -66,13 +66,14 @@ LOGICAL_AXIS_RULES = (
     ('layers', None),
 )
 
-FLAGS = ('mono', 'scan', 'remat', 'bf16', 'sequential', 'shared')
+FLAGS = ('mono', 'scan', 'remat', 'bf16', 'cudnn', 'sequential', 'shared')
 
 
 def experiment_config(preset: str, arg: str | None = None) -> ml_collections.ConfigDict:
   """A whole config file: model, flow matching, sampling, sharding. `arg` is a comma-separated list
   of flags: mono (MMAudio itself), scan (nn.scan over blocks), remat (full rematerialisation),
-  bf16 (bfloat16 compute), sequential (joint_mode), shared (branch_weights)."""
+  bf16 (bfloat16 compute), cudnn (cuDNN fused attention, GPU with bf16), sequential (joint_mode),
+  shared (branch_weights)."""
   flags = [f for f in (arg or '').split(',') if f]
   unknown = set(flags) - set(FLAGS)
   if unknown:
@@ -82,6 +83,8 @@ def experiment_config(preset: str, arg: str | None = None) -> ml_collections.Con
   model.remat_policy = 'full' if 'remat' in flags else 'none'
   if 'bf16' in flags:
     model.dtype = 'bfloat16'
+  if 'cudnn' in flags:
+    model.attention_impl = 'cudnn'
   if 'sequential' in flags:
     model.joint_mode = 'sequential'
   if 'shared' in flags:

@@ -1,0 +1,26 @@
+"""Sample binaural latents with the jitted flow-matching sampler.
+
+  python sample.py --config=configs/tiny.py --output_dir=out/sample
+  python sample.py --config=configs/large_44k_v2.py --mmaudio_ckpt=weights/mmaudio_large_44k_v2.pth
+"""
+from absl import app, flags
+from ml_collections import config_flags
+
+from visaudio_jax.eval import sampling
+
+_CONFIG = config_flags.DEFINE_config_file('config', 'configs/tiny.py', 'Config file (ml_collections).',
+                                          lock_config=True)
+_OUTPUT = flags.DEFINE_string('output_dir', 'out/sample', 'Where latents.safetensors and summary.json go.')
+_CKPT = flags.DEFINE_string('mmaudio_ckpt', None, 'MMAudio .pth/.safetensors to start from (made binaural).')
+
+
+def main(argv):
+  del argv
+  summary = sampling.run(_CONFIG.value, _OUTPUT.value, _CKPT.value)
+  width = max(map(len, summary))
+  for key, value in summary.items():
+    print(f'{key:<{width}}  {value}')
+
+
+if __name__ == '__main__':
+  app.run(main)
