@@ -77,6 +77,22 @@ def test_export_round_trip_is_exact():
     np.testing.assert_array_equal(state[k], original[k], err_msg=k)
 
 
+def test_one_ear_of_a_binaural_model_exports_to_mmaudio():
+  mono_cfg, mono = mmaudio.load_mmaudio(fixture_path('mmaudio_net', 'tiny_v1_state.safetensors'), tiny_config('tiny_v1'))
+  cfg, params = mmaudio.to_binaural(mono_cfg, mono, spacetime=_tiny_binaural().spacetime)
+  params['params']['final_layer']['conv']['bias'][1] += 1.0  # make the right ear differ
+  original = mmaudio.params_to_state_dict(mono, mono_cfg)
+  for ear, shift in ((0, 0.0), (1, 1.0)):
+    back_cfg, back = mmaudio.ear_params(cfg, params, ear)
+    state = mmaudio.params_to_state_dict(back, back_cfg)
+    assert set(state) == set(original)
+    np.testing.assert_array_equal(state['final_layer.conv.bias'], original['final_layer.conv.bias'] + shift)
+    np.testing.assert_array_equal(state['joint_blocks.0.latent_block.attn.qkv.weight'],
+                                  original['joint_blocks.0.latent_block.attn.qkv.weight'])
+  with pytest.raises(ValueError, match='ear must be'):
+    mmaudio.ear_params(cfg, params, 2)
+
+
 @pytest.mark.parametrize('duration,lens16,lens44', [
     (1.0, (32, 8, 16), 44), (4.0, (125, 32, 88), 173), (8.0, (250, 64, 192), 345),
     (10.0, (313, 80, 240), 431), (16.0, (500, 128, 392), 690)])

@@ -35,6 +35,7 @@ class KeyMap(NamedTuple):
   path: tuple[str, ...]  # path in our (unrolled) params['params']
   to_flax: Callable[[np.ndarray], np.ndarray]
   to_torch: Callable[[np.ndarray], np.ndarray]
+  ear: bool  # a per-ear branch param (leading ear axis in our layout)
 
 
 def _linear():
@@ -75,29 +76,28 @@ def mmaudio_key_map(cfg: NetworkConfig) -> list[KeyMap]:
   h, dh = cfg.num_heads, cfg.head_dim
   entries: list[KeyMap] = []
 
-  def add(key, path, fns):
-    entries.append(KeyMap(key, tuple(path.split('/')), *fns))
+  def add(key, path, fns, ear=False):
+    entries.append(KeyMap(key, tuple(path.split('/')), *(_ear(fns) if ear else fns), ear))
 
   def linear(tkey, path, ear=False, bias=True):
-    add(f'{tkey}.weight', f'{path}/kernel', _ear(_linear()) if ear else _linear())
+    add(f'{tkey}.weight', f'{path}/kernel', _linear(), ear)
     if bias:
-      add(f'{tkey}.bias', f'{path}/bias', _ear(_ident()) if ear else _ident())
+      add(f'{tkey}.bias', f'{path}/bias', _ident(), ear)
 
   def conv(tkey, path, ear=False, bias=True):
-    add(f'{tkey}.weight', f'{path}/kernel', _ear(_conv()) if ear else _conv())
+    add(f'{tkey}.weight', f'{path}/kernel', _conv(), ear)
     if bias:
-      add(f'{tkey}.bias', f'{path}/bias', _ear(_ident()) if ear else _ident())
+      add(f'{tkey}.bias', f'{path}/bias', _ident(), ear)
 
   def swiglu(tkey, path, kernel_size, ear=False):
     for w in ('w1', 'w2', 'w3'):
       (conv if kernel_size > 1 else linear)(f'{tkey}.{w}', f'{path}/{w}', ear=ear, bias=False)
 
   def single_block(tkey, path, kernel_size, pre_only, ear):
-    wrap = _ear if ear else (lambda f: f)
-    add(f'{tkey}.attn.qkv.weight', f'{path}/qkv/kernel', wrap(_qkv_weight(h, dh)))
-    add(f'{tkey}.attn.qkv.bias', f'{path}/qkv/bias', wrap(_qkv_bias(h, dh)))
-    add(f'{tkey}.attn.q_norm.weight', f'{path}/q_norm/scale', wrap(_ident()))
-    add(f'{tkey}.attn.k_norm.weight', f'{path}/k_norm/scale', wrap(_ident()))
+    add(f'{tkey}.attn.qkv.weight', f'{path}/qkv/kernel', _qkv_weight(h, dh), ear)
+    add(f'{tkey}.attn.qkv.bias', f'{path}/qkv/bias', _qkv_bias(h, dh), ear)
+    add(f'{tkey}.attn.q_norm.weight', f'{path}/q_norm/scale', _ident(), ear)
+    add(f'{tkey}.attn.k_norm.weight', f'{path}/k_norm/scale', _ident(), ear)
     if not pre_only:
       (conv if kernel_size > 1 else linear)(f'{tkey}.linear1', f'{path}/linear1', ear=ear)
       swiglu(f'{tkey}.ffn', f'{path}/ffn', kernel_size, ear=ear)
@@ -224,13 +224,31 @@ def state_dict_to_params(state: dict[str, np.ndarray], cfg: NetworkConfig, sourc
 def params_to_state_dict(params: Params, cfg: NetworkConfig) -> dict[str, np.ndarray]:
   """Inverse of `state_dict_to_params` for a mono model (MMAudio's key names and layouts)."""
   if cfg.channels != 1 or cfg.spacetime.enabled:
-    raise ValueError('params_to_state_dict takes a mono model; export one ear of a binaural model '
+    raise ValueError('params_to_state_dict takes a mono model; take one ear of a binaural model '
                      'with visaudio_jax.convert.mmaudio.ear_params first')
   if cfg.scan_layers:
     params = layout.unstack_layers(params, cfg)
   p = params['params']
   return {m.torch_key: np.asarray(m.to_torch(np.asarray(_get(p, m.path)))) for m in
           mmaudio_key_map(dataclasses.replace(cfg, scan_layers=False))}
+
+
+def ear_params(cfg: NetworkConfig, params: Params, ear: int) -> tuple[NetworkConfig, Params]:
+  """One ear of a binaural model as a mono MMAudio model (for MMAudio's own format). Lossy by design:
+  the spacetime module, cross-ear attention bias and ear embedding have no place in MMAudio."""
+  if not 0 <= ear < cfg.channels:
+    raise ValueError(f'ear must be in [0, {cfg.channels}), got {ear}')
+  if cfg.scan_layers:
+    params = layout.unstack_layers(params, cfg)
+  mono_cfg = mono_config(cfg, scan_layers=False)
+  separate = cfg.branch_weights == 'separate'
+  out = {}
+  for m in mmaudio_key_map(mono_cfg):
+    value = np.asarray(_get(params['params'], m.path))
+    if m.ear:
+      value = value[ear:ear + 1] if separate else value[None]
+    _set(out, m.path, value)
+  return mono_cfg, {'params': out}
 
 
 def load_mmaudio(path: str | os.PathLike, variant: str | NetworkConfig | None = None
