@@ -1,8 +1,6 @@
 """Flow matching beyond the golden fixtures (those are in test_mmaudio_parity.py): CFG dropout,
 binaural loss, Heun, the jitted sampler, and that training on a fixed batch lowers the loss."""
-import dataclasses
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,7 +8,6 @@ import optax
 import pytest
 
 from test_network import _features, _tiny_binaural, fresh_params
-from visaudio_jax.convert import mmaudio
 from visaudio_jax.model import flow_matching as fm
 from visaudio_jax.model.network import FlowNetwork
 
