@@ -264,3 +264,28 @@ def test_wrong_variant_and_corrupt_checkpoints_give_clear_errors(tmp_path):
   write_safetensors(state | {'latent_rot': np.zeros((1, 43, 6, 2, 2), np.float32),
                              't_embed.freqs': np.zeros(128, np.float32)}, stale)
   mmaudio.load_mmaudio(stale, tiny_config('tiny_v1'))
+
+
+@pytest.mark.parametrize('lq,lk', [(7, 7), (8, 9), (9, 8)])
+def test_fused_attention_path_with_bias_and_odd_lengths_equals_reference(lq, lk):
+  """The padding that lets cuDNN take the binaural joint attention (odd length, logit bias)."""
+  from visaudio_jax.model.layers import attention
+  rng = np.random.default_rng(0)
+  q = jnp.asarray(rng.standard_normal((2, lq, 3, 8)), jnp.float32)
+  k, v = (jnp.asarray(rng.standard_normal((2, lk, 3, 8)), jnp.float32) for _ in range(2))
+  bias = jnp.asarray(rng.standard_normal((3, lq, lk)), jnp.float32)
+  ref = attention(q, k, v, 'reference', 'highest', bias)
+  got = attention(q, k, v, 'xla', 'highest', bias)
+  assert got.shape == ref.shape and rel_err(got, ref) < 1e-5
+
+
+def test_bfloat16_compute_tracks_float32():
+  cfg = _tiny_binaural()
+  params = _init(cfg)
+  feats = _features(cfg)
+  latent = feats.pop('latent')
+  t = jnp.array([0.3, 0.8])
+  ref = jax.jit(FlowNetwork(cfg).apply)(params, latent, t, **feats)
+  got = jax.jit(FlowNetwork(dataclasses.replace(cfg, dtype='bfloat16')).apply)(params, latent, t, **feats)
+  assert got.dtype == jnp.bfloat16
+  assert rel_err(got, ref) < 5e-2

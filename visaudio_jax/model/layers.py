@@ -204,10 +204,9 @@ def apply_rope(x: Array, rot: Array) -> Array:
 def attention(q: Array, k: Array, v: Array, impl: str = 'reference', precision: str = 'default',
               bias: Array | None = None) -> Array:
   """softmax(q k^T / sqrt(Dh) + bias) v, no mask. q (B, Lq, H, Dh), k/v (B, Lk, H, Dh), optional
-  logit bias (H, Lq, Lk) -> (B, Lq, H, Dh)."""
+  logit bias (H, Lq, Lk) -> (B, Lq, H, Dh). impl 'xla' / 'cudnn' use jax.nn.dot_product_attention."""
   if impl != 'reference':
-    return jax.nn.dot_product_attention(q, k, v, None if bias is None else bias[None].astype(q.dtype),
-                                        implementation=impl)
+    return _fused_attention(q, k, v, impl, bias)
   ctype = norm_dtype(q.dtype)
   scale = 1.0 / np.sqrt(q.shape[-1])
   logits = jnp.einsum('bqhd,bkhd->bhqk', q, k, preferred_element_type=ctype,
@@ -216,3 +215,21 @@ def attention(q: Array, k: Array, v: Array, impl: str = 'reference', precision: 
     logits = logits + bias[None].astype(ctype)
   weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
   return jnp.einsum('bhqk,bkhd->bqhd', weights, v, precision=PRECISIONS[precision])
+
+
+def _fused_attention(q: Array, k: Array, v: Array, impl: str, bias: Array | None) -> Array:
+  """jax.nn.dot_product_attention. cuDNN's kernel with a bias wants even lengths (e.g. the binaural
+  joint attention has 2 * 345 + 64 + 77 = 831 tokens), so odd lengths get one padded query (dropped
+  after) and one padded key that the bias masks out."""
+  if bias is None:
+    return jax.nn.dot_product_attention(q, k, v, implementation=impl)
+  lq, lk = q.shape[1], k.shape[1]
+  pad_q, pad_k = lq % 2, lk % 2
+  if pad_q or pad_k:
+    seq = lambda x, n: jnp.pad(x, ((0, 0), (0, n), (0, 0), (0, 0)))
+    q, k, v = seq(q, pad_q), seq(k, pad_k), seq(v, pad_k)
+    bias = jnp.pad(bias.astype(jnp.float32), ((0, 0), (0, pad_q), (0, 0)))
+    if pad_k:
+      bias = jnp.pad(bias, ((0, 0), (0, 0), (0, 1)), constant_values=-1e9)
+  out = jax.nn.dot_product_attention(q, k, v, bias[None].astype(q.dtype), implementation=impl)
+  return out[:, :lq]
