@@ -39,7 +39,7 @@ class SingleBlock(nn.Module):
   def setup(self):
     cfg, common = self.cfg, _common(self.cfg)
     d, h, dh = cfg.hidden_dim, cfg.num_heads, cfg.head_dim
-    self.ada_ln = Dense(((2 if self.pre_only else 6) * d,), 'embed', ('mlp',), branches=self.branches,
+    self.ada_ln = Dense(((2 if self.pre_only else 6) * d,), 'embed', ('modulation',), branches=self.branches,
                         kernel_init=nn.initializers.zeros, **common)
     self.qkv = Dense((3, h, dh), 'embed', ('qkv', 'heads', 'head_dim'), branches=self.branches, **common)
     self.q_norm = RMSNorm(self.branches, common['param_dtype'])
@@ -177,7 +177,7 @@ class FinalLayer(nn.Module):
     cfg, common = self.cfg, _common(self.cfg)
     branches = cfg.per_ear_branches
     c = jnp.broadcast_to(global_c[:, None], (x.shape[0], x.shape[1], 1, x.shape[-1]))
-    shift, scale = jnp.split(Dense((2 * cfg.hidden_dim,), 'embed', ('mlp',), branches=branches,
+    shift, scale = jnp.split(Dense((2 * cfg.hidden_dim,), 'embed', ('modulation',), branches=branches,
                                    kernel_init=nn.initializers.zeros, name='ada_ln', **common)(nn.silu(c)),
                              2, axis=-1)
     h = modulate(layer_norm(x), shift, scale)

@@ -55,6 +55,10 @@ LOGICAL_AXIS_RULES = (
     ('embed', 'fsdp'),
     ('embed_out', 'tensor'),
     ('mlp', 'tensor'),
+    # adaLN outputs (6D) are split into shift/scale/gate chunks. Sharding that axis over 'tensor'
+    # on a mesh whose data, fsdp and tensor axes all exceed 1 miscompiles on XLA CPU (jax 0.10.2;
+    # tests/test_sharding.py keeps a strict xfail on it), so those weights are only FSDP-sharded.
+    ('modulation', None),
     ('heads', 'tensor'),
     ('heads_merged', 'tensor'),
     ('head_dim', None),
