@@ -11,6 +11,7 @@ import json
 import pathlib
 
 import flax.linen as nn
+from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -54,6 +55,7 @@ def test_full_size_checkpoint_maps_key_for_key(preset):
   cfg = mmaudio.infer_config({e['key']: np.broadcast_to(np.float32(0), e['shape']) for e in manifest['state_dict']})
   assert count(mmaudio.abstract_params(cfg)) == manifest['total_parameters']
   ours = mmaudio.abstract_params(cfg)['params']
+  flat = traverse_util.flatten_dict(ours)
   key_map = {m.torch_key: m for m in mmaudio.mmaudio_key_map(cfg)}
   assert set(key_map) == {e['key'] for e in manifest['state_dict']}
   leaves = {tuple(str(k.key) for k in path) for path, _ in jax.tree_util.tree_flatten_with_path(ours)[0]}
@@ -61,7 +63,7 @@ def test_full_size_checkpoint_maps_key_for_key(preset):
   for e in manifest['state_dict']:
     m = key_map[e['key']]
     got = jax.eval_shape(m.to_flax, jax.ShapeDtypeStruct(tuple(e['shape']), jnp.float32)).shape
-    want = mmaudio._get(ours, m.path).shape
+    want = flat[m.path].shape
     assert got == want, (e['key'], got, want)
     back = jax.eval_shape(m.to_torch, jax.ShapeDtypeStruct(want, jnp.float32)).shape
     assert back == tuple(e['shape']), e['key']
@@ -154,11 +156,15 @@ def _init(cfg):
   return _perturb(fresh_params(cfg))
 
 
+def _inputs(cfg, batch=2):
+  """Perturbed params, a latent (B, E, N, C) and the condition features for one config."""
+  feats = _features(cfg, batch)
+  return _init(cfg), feats.pop('latent'), feats
+
+
 def test_scan_equals_unrolled():
   cfg = _tiny_binaural(depth=5, fused_depth=2)
-  params = _init(cfg)
-  feats = _features(cfg)
-  latent = feats.pop('latent')
+  params, latent, feats = _inputs(cfg)
   t = jnp.array([0.2, 0.7])
   run = lambda c, p: jax.jit(FlowNetwork(c).apply)(p, latent, t, **feats)
   scan_cfg = dataclasses.replace(cfg, scan_layers=True)
@@ -172,9 +178,7 @@ def test_scan_equals_unrolled():
 
 def test_remat_gives_the_same_gradients():
   cfg = _tiny_binaural(depth=3, fused_depth=1)
-  params = _init(cfg)
-  feats = _features(cfg)
-  latent = feats.pop('latent')
+  params, latent, feats = _inputs(cfg)
   t = jnp.array([0.2, 0.7])
   loss = lambda c: (lambda p: jnp.sum(FlowNetwork(c).apply(p, latent, t, **feats) ** 2))
   plain = jax.jit(jax.grad(loss(cfg)))(params)
@@ -189,9 +193,7 @@ def test_remat_gives_the_same_gradients():
 @pytest.mark.parametrize('joint_mode', ['concat', 'sequential'])
 def test_ears_interact_and_spacetime_is_per_ear(joint_mode):
   cfg = _tiny_binaural(joint_mode=joint_mode)
-  params = _init(cfg)
-  feats = _features(cfg)
-  latent = feats.pop('latent')
+  params, latent, feats = _inputs(cfg)
   t = jnp.array([0.3, 0.6])
   apply = jax.jit(FlowNetwork(cfg).apply)
   out = apply(params, latent, t, **feats)
@@ -219,17 +221,14 @@ def test_other_duration_builds_tables_for_its_lengths():
                        hop_length=256, duration_s=3.0)
   lens = cfg.seq_lens()
   assert (lens.latent, lens.clip, lens.sync, lens.pe) == (94, 24, 64, 6)
-  params = _init(cfg)
-  feats = _features(cfg, 1)
-  out = jax.jit(FlowNetwork(cfg).apply)(params, feats.pop('latent'), jnp.array([0.5]), **feats)
+  params, latent, feats = _inputs(cfg, 1)
+  out = jax.jit(FlowNetwork(cfg).apply)(params, latent, jnp.array([0.5]), **feats)
   assert out.shape == (1, 2, 94, 10) and bool(jnp.isfinite(out).all())
 
 
 def test_bad_feature_shapes_name_expected_and_got():
   cfg = _tiny_binaural()
-  params = _init(cfg)
-  feats = _features(cfg, 2)
-  latent = feats.pop('latent')
+  params, latent, feats = _inputs(cfg)
   model = FlowNetwork(cfg)
   t = jnp.array([0.1, 0.2])
   with pytest.raises(ValueError, match=r'clip_f: expected shape \(2, 9, 36\).*got \(2, 8, 36\)'):
@@ -281,9 +280,7 @@ def test_fused_attention_path_with_bias_and_odd_lengths_equals_reference(lq, lk)
 
 def test_bfloat16_compute_tracks_float32():
   cfg = _tiny_binaural()
-  params = _init(cfg)
-  feats = _features(cfg)
-  latent = feats.pop('latent')
+  params, latent, feats = _inputs(cfg)
   t = jnp.array([0.3, 0.8])
   ref = jax.jit(FlowNetwork(cfg).apply)(params, latent, t, **feats)
   got = jax.jit(FlowNetwork(dataclasses.replace(cfg, dtype='bfloat16')).apply)(params, latent, t, **feats)

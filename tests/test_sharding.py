@@ -10,14 +10,14 @@ import pytest
 from test_network import _features, _tiny_binaural
 from mmaudio_fixtures import rel_err
 from visaudio_jax.model import presets, sharding
-from visaudio_jax.model.network import FlowNetwork
+from visaudio_jax.model.network import FlowNetwork, init_variables
 
 
 def test_every_param_has_logical_axis_names():
   cfg = dataclasses.replace(_tiny_binaural(), scan_layers=True)
   specs = sharding.logical_specs(cfg)
   flat = jax.tree_util.tree_flatten_with_path(specs, is_leaf=lambda x: isinstance(x, jax.P))[0]
-  abstract = jax.tree.leaves(nn.meta.unbox(jax.eval_shape(sharding._init_fn(cfg, 0))))
+  abstract = jax.tree.leaves(nn.meta.unbox(jax.eval_shape(lambda: init_variables(cfg))))
   assert len(flat) == len(abstract)
   for (path, spec), leaf in zip(flat, abstract):
     assert isinstance(spec, jax.P) and len(spec) == leaf.ndim, jax.tree_util.keystr(path)

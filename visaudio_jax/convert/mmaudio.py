@@ -15,13 +15,14 @@ import os
 from typing import Callable, NamedTuple
 
 import flax.linen as nn
+from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from visaudio_jax.convert.torch_io import CheckpointError, read_state_dict
 from visaudio_jax.model.config import NetworkConfig, network_config
-from visaudio_jax.model.network import FlowNetwork, feature_shapes
+from visaudio_jax.model.network import FlowNetwork, init_variables
 from visaudio_jax.model.presets import MMAUDIO_PRESETS, model_config
 from visaudio_jax.model.tables import Tables
 from visaudio_jax.model import layout
@@ -165,25 +166,7 @@ def infer_config(state: dict[str, np.ndarray]) -> NetworkConfig:
 
 def abstract_params(cfg: NetworkConfig) -> Params:
   """Param shapes/dtypes via `jax.eval_shape` (nothing allocated), boxes removed."""
-  model = FlowNetwork(cfg)
-  shapes = feature_shapes(cfg)
-  args = {k: jax.ShapeDtypeStruct((1,) + v, jnp.float32) for k, v in shapes.items()}
-  latent = args.pop('latent')
-  t = jax.ShapeDtypeStruct((1,), jnp.float32)
-  variables = jax.eval_shape(lambda x, t, a: model.init(jax.random.key(0), x, t, **a), latent, t, args)
-  return nn.meta.unbox(variables)
-
-
-def _get(tree, path):
-  for p in path:
-    tree = tree[p]
-  return tree
-
-
-def _set(tree, path, value):
-  for p in path[:-1]:
-    tree = tree.setdefault(p, {})
-  tree[path[-1]] = value
+  return nn.meta.unbox(jax.eval_shape(lambda: init_variables(cfg)))
 
 
 def state_dict_to_params(state: dict[str, np.ndarray], cfg: NetworkConfig, source: str = 'state dict'
@@ -191,7 +174,7 @@ def state_dict_to_params(state: dict[str, np.ndarray], cfg: NetworkConfig, sourc
   """Strict conversion: every key used, every param filled, every shape right; else one clear error."""
   state = {k: v for k, v in state.items() if k not in STALE_BUFFERS}
   unrolled = dataclasses.replace(cfg, scan_layers=False)
-  abstract = abstract_params(unrolled)['params']
+  abstract = traverse_util.flatten_dict(abstract_params(unrolled)['params'])
   key_map = mmaudio_key_map(unrolled)
   missing = [m.torch_key for m in key_map if m.torch_key not in state]
   unexpected = sorted(set(state) - {m.torch_key for m in key_map})
@@ -199,12 +182,12 @@ def state_dict_to_params(state: dict[str, np.ndarray], cfg: NetworkConfig, sourc
   for m in key_map:
     if m.torch_key not in state:
       continue
-    want = _get(abstract, m.path).shape
+    want = abstract[m.path].shape
     value = np.asarray(m.to_flax(np.asarray(state[m.torch_key])))
     if value.shape != want:
       misshaped.append(f'{m.torch_key}: {tuple(state[m.torch_key].shape)} gives {value.shape}, need {want}')
       continue
-    _set(params, m.path, value.astype(np.float32))
+    params[m.path] = value.astype(np.float32)
   if missing or unexpected or misshaped:
     parts = [f'{len(missing)} missing: {missing[:20]}' if missing else '',
              f'{len(unexpected)} unexpected: {unexpected[:20]}' if unexpected else '',
@@ -212,12 +195,9 @@ def state_dict_to_params(state: dict[str, np.ndarray], cfg: NetworkConfig, sourc
     raise CheckpointError(f'{source} does not fit MMAudio config (hidden_dim={cfg.hidden_dim}, '
                           f'depth={cfg.depth}, fused_depth={cfg.fused_depth}, latent_dim={cfg.latent_dim}, '
                           f'v2={cfg.v2}): ' + '; '.join(p for p in parts if p))
-  ours = {'/'.join(str(getattr(k, 'key', k)) for k in p) for p, _ in
-          jax.tree_util.tree_flatten_with_path(abstract)[0]}
-  mapped = {'/'.join(m.path) for m in key_map}
-  if ours != mapped:  # a mapping bug, not a user error
-    raise AssertionError(f'key map out of sync with the network: {sorted(ours ^ mapped)[:10]}')
-  params = {'params': params}
+  if set(abstract) != set(params):  # a mapping bug, not a user error
+    raise AssertionError(f'key map out of sync with the network: {sorted(set(abstract) ^ set(params))[:10]}')
+  params = {'params': traverse_util.unflatten_dict(params)}
   return layout.stack_layers(params, cfg) if cfg.scan_layers else params
 
 
@@ -228,8 +208,8 @@ def params_to_state_dict(params: Params, cfg: NetworkConfig) -> dict[str, np.nda
                      'with visaudio_jax.convert.mmaudio.ear_params first')
   if cfg.scan_layers:
     params = layout.unstack_layers(params, cfg)
-  p = params['params']
-  return {m.torch_key: np.asarray(m.to_torch(np.asarray(_get(p, m.path)))) for m in
+  flat = traverse_util.flatten_dict(params['params'])
+  return {m.torch_key: np.asarray(m.to_torch(np.asarray(flat[m.path]))) for m in
           mmaudio_key_map(dataclasses.replace(cfg, scan_layers=False))}
 
 
@@ -242,13 +222,13 @@ def ear_params(cfg: NetworkConfig, params: Params, ear: int) -> tuple[NetworkCon
     params = layout.unstack_layers(params, cfg)
   mono_cfg = mono_config(cfg, scan_layers=False)
   separate = cfg.branch_weights == 'separate'
-  out = {}
+  flat, out = traverse_util.flatten_dict(params['params']), {}
   for m in mmaudio_key_map(mono_cfg):
-    value = np.asarray(_get(params['params'], m.path))
+    value = np.asarray(flat[m.path])
     if m.ear:
       value = value[ear:ear + 1] if separate else value[None]
-    _set(out, m.path, value)
-  return mono_cfg, {'params': out}
+    out[m.path] = value
+  return mono_cfg, {'params': traverse_util.unflatten_dict(out)}
 
 
 def load_mmaudio(path: str | os.PathLike, variant: str | NetworkConfig | None = None
@@ -311,11 +291,7 @@ def to_binaural(cfg: NetworkConfig, params: Params, channels: int = 2, spacetime
 
 def init_params(cfg: NetworkConfig, seed: int = 0) -> Params:
   """Fresh params with MMAudio's initialisation (boxed with logical axis names)."""
-  model = FlowNetwork(cfg)
-  shapes = feature_shapes(cfg)
-  args = {k: jnp.zeros((1,) + v, jnp.dtype(cfg.param_dtype)) for k, v in shapes.items()}
-  latent = args.pop('latent')
-  return jax.jit(lambda: model.init(jax.random.key(seed), latent, jnp.zeros((1,)), **args))()
+  return jax.jit(lambda: init_variables(cfg, seed))()
 
 
 def forward(cfg: NetworkConfig, params: Params, latent, clip_f, sync_f, text_f, t,

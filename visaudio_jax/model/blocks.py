@@ -111,7 +111,7 @@ class JointBlock(nn.Module):
     latent, clip, text = carry  # (B, E, N, D), (B, Lc, D), (B, Lt, D)
     b, e, n, _ = latent.shape
     lc = clip.shape[1]
-    attn = lambda q, k, v: attention(q, k, v, self.cfg.attention_impl, self.cfg.matmul_precision)
+    attn = lambda q, k, v, bias=None: attention(q, k, v, self.cfg.attention_impl, self.cfg.matmul_precision, bias)
     lq, lk, lv, lmod = self.latent_block.pre_attention(latent, extended_c, latent_rot)  # (B,E,N,H,Dh)
 
     def streams_qkv(clip, text):
@@ -132,7 +132,7 @@ class JointBlock(nn.Module):
       q, k, v = (nn.with_logical_constraint(jnp.concatenate([flat(l), c, t], axis=1), HEAD_AXES)
                  for l, c, t in zip((lq, lk, lv), c_qkv, t_qkv))
       bias = self._ear_bias(e, n, q.shape[1] - e * n) if e > 1 else None
-      out = attention(q, k, v, self.cfg.attention_impl, self.cfg.matmul_precision, bias)  # (B, E*N+Lc+Lt, H, Dh)
+      out = attn(q, k, v, bias)  # (B, E*N + Lc + Lt, H, Dh)
       latent_out = out[:, :e * n].reshape((b, e, n) + out.shape[2:])
       clip, text = post_streams(out, clip, text, cmod, tmod)
     else:

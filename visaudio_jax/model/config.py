@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import jax
 import ml_collections
 
 SPEC_FIELDS = ('enabled', 'pe_dim', 'grid_h', 'grid_w', 'fps', 'pool_dim', 'pool_heads')
@@ -75,7 +76,7 @@ class NetworkConfig:
         (self.branch_weights in ('separate', 'shared'), "branch_weights: 'separate' or 'shared'"),
         (self.joint_mode in ('concat', 'sequential'), "joint_mode: 'concat' or 'sequential'"),
         (self.attention_impl in ('reference', 'xla', 'cudnn'), 'attention_impl unknown'),
-        (self.remat_policy in REMAT_POLICIES, f'remat_policy must be one of {REMAT_POLICIES}'),
+        (self.remat_policy in REMAT_POLICIES, f'remat_policy must be one of {sorted(REMAT_POLICIES)}'),
         (self.matmul_precision in ('default', 'high', 'highest'), 'matmul_precision unknown'),
     ]
     for ok, msg in checks:
@@ -105,7 +106,13 @@ class NetworkConfig:
     return sequence_lengths(self)
 
 
-REMAT_POLICIES = ('none', 'full', 'dots', 'dots_no_batch')
+# remat_policy -> what jax.checkpoint may keep ('none': no rematerialisation at all).
+REMAT_POLICIES = {
+    'none': None,
+    'full': jax.checkpoint_policies.nothing_saveable,
+    'dots': jax.checkpoint_policies.checkpoint_dots,
+    'dots_no_batch': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
 
 
 @dataclasses.dataclass(frozen=True)

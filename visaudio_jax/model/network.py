@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from visaudio_jax.model.blocks import LATENT_AXES, FinalLayer, FusedBlock, JointBlock, _common
-from visaudio_jax.model.config import NetworkConfig
+from visaudio_jax.model.config import REMAT_POLICIES, NetworkConfig
 from visaudio_jax.model.layers import Conv1d, Dense, SwiGLU, norm_dtype, partitioned
 from visaudio_jax.model.spacetime import SpacetimeModule
 from visaudio_jax.model.tables import Tables, make_tables
@@ -25,12 +25,6 @@ from visaudio_jax.model.tables import Tables, make_tables
 Array = jax.Array
 # MMAudio stores these as frozen nn.Parameters: counted, loaded and saved, never trained.
 FROZEN_PARAMS = ('latent_mean', 'latent_std', 'empty_string_feat')
-
-REMAT_POLICIES = {
-    'full': jax.checkpoint_policies.nothing_saveable,
-    'dots': jax.checkpoint_policies.checkpoint_dots,
-    'dots_no_batch': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-}
 
 
 class Conditions(NamedTuple):
@@ -53,9 +47,8 @@ def feature_shapes(cfg: NetworkConfig) -> dict[str, tuple[int, ...]]:
   return shapes
 
 
-def check_shape(name: str, x, expected: tuple[int, ...], batch: int | None = None):
-  got = tuple(np.shape(x))
-  want = ((batch,) if batch is not None else (got[0] if got else -1,)) + tuple(expected)
+def check_shape(name: str, x, expected: tuple[int, ...], batch: int):
+  got, want = tuple(np.shape(x)), (batch,) + tuple(expected)
   if got != want:
     raise ValueError(f'{name}: expected shape {want} (batch, {", ".join(map(str, expected))}), got {got}')
 
@@ -72,6 +65,14 @@ def _remat_scan(cls, cfg: NetworkConfig, length: int, n_broadcast: int, scan: bo
                  metadata_params={nn.PARTITION_NAME: 'layers'})
 
 
+def init_variables(cfg: NetworkConfig, seed: int = 0):
+  """Variables (boxed with logical axis names) from zero inputs of the config's shapes: the one init
+  behind fresh params (`jax.jit`), abstract shapes (`jax.eval_shape`) and sharded creation."""
+  args = {k: jnp.zeros((1,) + v, jnp.dtype(cfg.param_dtype)) for k, v in feature_shapes(cfg).items()}
+  latent = args.pop('latent')
+  return FlowNetwork(cfg).init(jax.random.key(seed), latent, jnp.zeros((1,)), **args)
+
+
 class FlowNetwork(nn.Module):
   cfg: NetworkConfig
 
@@ -79,8 +80,7 @@ class FlowNetwork(nn.Module):
     cfg, common = self.cfg, _common(self.cfg)
     d, e, hid = cfg.hidden_dim, cfg.per_ear_branches, cfg.mlp_hidden_dim
     lens = cfg.seq_lens()
-    act = nn.silu if cfg.v2 else nn.selu
-    self._act = act
+    self._act = nn.silu if cfg.v2 else nn.selu  # input projections: SELU (v1) or SiLU (v2)
     pdt = common['param_dtype']
     param = lambda name, init, names, shape: self.param(name, partitioned(init, names), shape, pdt)
     zeros = nn.initializers.zeros
@@ -130,6 +130,10 @@ class FlowNetwork(nn.Module):
   def _tables(self, tables: Tables | None) -> Tables:
     return make_tables(self.cfg) if tables is None else tables
 
+  def _project_text(self, text_f: Array) -> Array:
+    text = self.text_in(text_f)
+    return self.text_mlp(nn.silu(text) if self.cfg.v2 else text)
+
   def preprocess_conditions(self, clip_f, sync_f, text_f, pe_f=None, tables: Tables | None = None
                             ) -> Conditions:
     """clip_f (B, Lc, clip_dim), sync_f (B, S, sync_dim), text_f (B, Lt, text_dim),
@@ -150,8 +154,7 @@ class FlowNetwork(nn.Module):
     clip = self.clip_in(clip_f)
     clip = self.clip_mlp(nn.silu(clip) if cfg.v2 else clip)
     sync = self.sync_mlp(self._act(self.sync_in(sync_f)))
-    text = self.text_in(text_f)
-    text = self.text_mlp(nn.silu(text) if cfg.v2 else text)
+    text = self._project_text(text_f)
     sync = jnp.take(sync, jnp.asarray(tables.sync_index), axis=1)  # nearest-exact S -> N
     pe_c = None
     if cfg.spacetime.enabled:
@@ -178,8 +181,7 @@ class FlowNetwork(nn.Module):
     cond = jax.tree.map(lambda x: jnp.broadcast_to(x, (batch,) + x.shape[1:]), cond)
     if negative_text_f is not None:
       check_shape('negative_text_f', negative_text_f, feature_shapes(self.cfg)['text_f'], batch)
-      text = self.text_in(negative_text_f)
-      text = self.text_mlp(nn.silu(text) if self.cfg.v2 else text)
+      text = self._project_text(negative_text_f)
       cond = cond._replace(text_f=text, text_f_c=self.text_cond_proj(text.mean(1)))
     return cond
 

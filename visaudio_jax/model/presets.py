@@ -1,7 +1,13 @@
 """MMAudio's network presets (`mmaudio/model/networks.py`), the single source for configs/*.py."""
 from __future__ import annotations
 
+import dataclasses
+
 import ml_collections
+
+from visaudio_jax.model.config import NetworkConfig
+
+NUMERICS_FIELDS = ('dtype', 'param_dtype', 'matmul_precision', 'attention_impl', 'remat_policy', 'scan_layers')
 
 _16K = dict(latent_dim=20, sample_rate=16000, hop_length=256)
 _44K = dict(latent_dim=40, sample_rate=44100, hop_length=512)
@@ -40,8 +46,8 @@ def model_config(preset: str, mono: bool = False) -> ml_collections.ConfigDict:
     model.update(channels=1, spacetime=dict(spacetime, enabled=False))
   else:
     model.update(channels=2, branch_weights='separate', joint_mode='concat', spacetime=dict(spacetime))
-  model.update(dtype='float32', param_dtype='float32', matmul_precision='default',
-               attention_impl='reference', remat_policy='none', scan_layers=False)
+  # Numerics/memory fields at NetworkConfig's defaults, listed so the command line can override them.
+  model.update({f.name: f.default for f in dataclasses.fields(NetworkConfig) if f.name in NUMERICS_FIELDS})
   return ml_collections.ConfigDict(model)
 
 

@@ -9,12 +9,11 @@ from typing import Sequence
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, NamedSharding
 
 from visaudio_jax.model.config import NetworkConfig
-from visaudio_jax.model.network import FlowNetwork, feature_shapes
+from visaudio_jax.model.network import init_variables
 
 Rules = Sequence[tuple[str, str | Sequence[str] | None]]
 
@@ -35,21 +34,9 @@ def make_mesh(shape: Sequence[int], axes: Sequence[str] = ('data', 'fsdp', 'tens
   return jax.make_mesh(tuple(shape), tuple(axes), axis_types=(AxisType.Auto,) * len(axes), devices=devices)
 
 
-def _init_fn(cfg: NetworkConfig, seed: int):
-  model = FlowNetwork(cfg)
-  shapes = feature_shapes(cfg)
-
-  def init():
-    args = {k: jnp.zeros((1,) + v, jnp.dtype(cfg.param_dtype)) for k, v in shapes.items()}
-    latent = args.pop('latent')
-    return model.init(jax.random.key(seed), latent, jnp.zeros((1,)), **args)
-
-  return init
-
-
 def logical_specs(cfg: NetworkConfig):
   """PartitionSpecs of logical axis names for every param (abstract; nothing allocated)."""
-  return nn.get_partition_spec(jax.eval_shape(_init_fn(cfg, 0)))
+  return nn.get_partition_spec(jax.eval_shape(lambda: init_variables(cfg)))
 
 
 def param_shardings(cfg: NetworkConfig, mesh: jax.sharding.Mesh, rules: Rules):
@@ -60,7 +47,7 @@ def init_sharded(cfg: NetworkConfig, mesh: jax.sharding.Mesh, rules: Rules, seed
   """Fresh params created in place on the mesh, unboxed."""
   shardings = param_shardings(cfg, mesh, rules)
   with jax.set_mesh(mesh), nn.logical_axis_rules([tuple(r) for r in rules]):
-    boxed = jax.jit(_init_fn(cfg, seed), out_shardings=shardings)()
+    boxed = jax.jit(lambda: init_variables(cfg, seed), out_shardings=shardings)()
   return nn.meta.unbox(boxed)
 
 

@@ -15,7 +15,7 @@ from typing import NamedTuple
 import numpy as np
 import safetensors.numpy
 
-from visaudio_jax.model.config import NetworkConfig, SeqLens
+from visaudio_jax.model.config import NetworkConfig
 
 ROPE_THETA = 10000.0
 _REFERENCE_FILE = pathlib.Path(__file__).parent / 'data' / 'mmaudio_reference_tables.safetensors'
@@ -94,8 +94,10 @@ def timestep_embedding_size(cfg: NetworkConfig) -> tuple[int, float]:
   return (cfg.hidden_dim, 1.0) if cfg.v2 else (256, 10000.0)
 
 
-def make_tables(cfg: NetworkConfig, lens: SeqLens | None = None) -> Tables:
-  lens = lens or cfg.seq_lens()
+@functools.cache
+def make_tables(cfg: NetworkConfig) -> Tables:
+  """Cached per config: every traced method asks for them."""
+  lens = cfg.seq_lens()
   freq_dim, max_period = timestep_embedding_size(cfg)
   return Tables(
       latent_rot=rope_rotations(lens.latent, cfg.head_dim, 1.0),
