@@ -1,0 +1,172 @@
+"""MMAudio's log-mel front end (`mmaudio/ext/mel_converter.py`), its inverse STFT, and Griffin-Lim.
+
+Layout is channels-last: waveforms (..., L), spectrograms (..., T, F). The STFT has no centring:
+the waveform is reflect-padded by (n_fft - hop)/2 on each side instead, so T = L // hop exactly.
+The float32 constants are the reference ones: torch's periodic Hann window (bitwise, shipped for
+the two MMAudio FFT sizes because numpy's cosine rounds differently) and librosa's Slaney filterbank.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import librosa
+import numpy as np
+import safetensors.numpy
+
+Array = jax.Array
+
+_CONSTANTS = pathlib.Path(__file__).parent / 'data' / 'mmaudio_audio_constants.safetensors'
+_LOG = {'log10': jnp.log10, 'ln': jnp.log}
+_EXP = {'log10': lambda x: 10.0 ** x, 'ln': jnp.exp}
+
+
+@dataclasses.dataclass(frozen=True)
+class MelConfig:
+  """A log-mel front end; `log` is 'log10' (MMAudio 16k) or 'ln' (MMAudio 44k)."""
+  sample_rate: int
+  n_fft: int
+  hop_length: int
+  n_mels: int
+  fmin: float = 0.0
+  fmax: float | None = None  # None: sample_rate / 2
+  log: str = 'log10'
+  floor: float = 1e-5  # mel magnitudes are clamped here before the log
+
+  def __post_init__(self):
+    if self.log not in _LOG:
+      raise ValueError(f'MelConfig.log must be one of {sorted(_LOG)}, got {self.log!r}')
+    if self.n_fft < self.hop_length or (self.n_fft - self.hop_length) % 2:
+      raise ValueError(f'MelConfig needs n_fft >= hop_length with an even difference, got '
+                       f'n_fft={self.n_fft}, hop_length={self.hop_length}')
+
+  @property
+  def n_freq(self) -> int:
+    return self.n_fft // 2 + 1
+
+  @property
+  def padding(self) -> int:
+    return (self.n_fft - self.hop_length) // 2
+
+
+MEL_16K = MelConfig(sample_rate=16000, n_fft=1024, hop_length=256, n_mels=80, fmax=8000.0, log='log10')
+MEL_44K = MelConfig(sample_rate=44100, n_fft=2048, hop_length=512, n_mels=128, fmax=22050.0, log='ln')
+
+
+@functools.lru_cache(maxsize=None)
+def _packaged_constants() -> dict[str, np.ndarray]:
+  return safetensors.numpy.load_file(_CONSTANTS)
+
+
+@functools.lru_cache(maxsize=None)
+def hann_window(n: int) -> np.ndarray:
+  """torch.hann_window(n) (periodic) in float32: shipped bitwise for n = 1024, 2048; otherwise
+  computed in float64 and rounded (within 1 ulp of torch's)."""
+  shipped = _packaged_constants().get(f'hann_window_{n}')
+  if shipped is not None:
+    return shipped
+  return (0.5 - 0.5 * np.cos(2.0 * np.pi * np.arange(n) / n)).astype(np.float32)
+
+
+@functools.lru_cache(maxsize=None)
+def mel_basis(cfg: MelConfig) -> np.ndarray:
+  """librosa's float32 Slaney-scale, Slaney-normalised filterbank, (n_mels, n_freq)."""
+  return librosa.filters.mel(sr=cfg.sample_rate, n_fft=cfg.n_fft, n_mels=cfg.n_mels, fmin=cfg.fmin,
+                             fmax=cfg.fmax, dtype=np.float32)
+
+
+def _frame_index(num_frames: int, n_fft: int, hop: int) -> np.ndarray:
+  return np.arange(num_frames)[:, None] * hop + np.arange(n_fft)[None, :]  # (T, n_fft)
+
+
+def stft(cfg: MelConfig, wave: Array, window: Array | None = None) -> Array:
+  """One-sided STFT as MMAudio takes it: reflect pad, no centring, unnormalised.
+
+  wave (..., L) -> (..., L // hop, n_freq) complex.
+  """
+  window = hann_window(cfg.n_fft) if window is None else window
+  p = cfg.padding
+  if wave.shape[-1] <= p:
+    raise ValueError(f'stft: waveform of {wave.shape[-1]} samples is too short to reflect-pad by {p}')
+  padded = jnp.pad(wave, [(0, 0)] * (wave.ndim - 1) + [(p, p)], mode='reflect')
+  frames = padded[..., _frame_index(wave.shape[-1] // cfg.hop_length, cfg.n_fft, cfg.hop_length)]
+  return jnp.fft.rfft(frames * jnp.asarray(window, wave.dtype), axis=-1)  # (..., T, n_freq)
+
+
+def istft(cfg: MelConfig, spec: Array, window: Array | None = None) -> Array:
+  """Least-squares inverse of `stft` (weighted overlap-add): (..., T, n_freq) -> (..., T * hop)."""
+  window = jnp.asarray(hann_window(cfg.n_fft) if window is None else window)
+  num_frames = spec.shape[-2]
+  frames = jnp.fft.irfft(spec, n=cfg.n_fft, axis=-1)
+  window = window.astype(frames.dtype)
+  index = _frame_index(num_frames, cfg.n_fft, cfg.hop_length).reshape(-1)
+  padded_len = (num_frames - 1) * cfg.hop_length + cfg.n_fft
+  batch = frames.shape[:-2]
+  summed = jnp.zeros(batch + (padded_len,), frames.dtype).at[..., index].add(
+      (frames * window).reshape(batch + (-1,)))
+  norm = jnp.zeros((padded_len,), frames.dtype).at[index].add(jnp.tile(window ** 2, num_frames))
+  wave = summed / jnp.where(norm > 1e-8, norm, 1.0)
+  p = cfg.padding
+  return wave[..., p:p + num_frames * cfg.hop_length]
+
+
+def mel_spectrogram(cfg: MelConfig, wave: Array, window: Array | None = None,
+                    basis: Array | None = None) -> Array:
+  """MMAudio's MelConverter: wave (..., L) -> log-mel (..., L // hop, n_mels), channels last.
+
+  `window` and `basis` default to the reference float32 constants; they stay float32 in float64
+  runs, as in the original.
+  """
+  basis = jnp.asarray(mel_basis(cfg) if basis is None else basis).astype(wave.dtype)
+  wave = jnp.clip(wave, -1.0, 1.0)
+  spec = stft(cfg, wave, window)
+  magnitude = jnp.sqrt(jnp.real(spec) ** 2 + jnp.imag(spec) ** 2 + 1e-9)  # (..., T, n_freq)
+  mel = jnp.einsum('...tf,mf->...tm', magnitude, basis, precision=jax.lax.Precision.HIGHEST)
+  return _LOG[cfg.log](jnp.maximum(mel, cfg.floor))
+
+
+def mel_to_magnitude(cfg: MelConfig, log_mel: Array, iterations: int = 100) -> Array:
+  """Non-negative least-squares STFT magnitude for a log-mel (..., T, n_mels) -> (..., T, n_freq).
+
+  Multiplicative updates (the NMF rule with the filterbank fixed) keep every bin >= 0, which a
+  pseudo-inverse does not; this is what librosa's `mel_to_stft` solves with NNLS.
+  """
+  basis = jnp.asarray(mel_basis(cfg)).astype(log_mel.dtype)  # (M, F)
+  mel = _EXP[cfg.log](log_mel)
+  gram = basis.T @ basis  # (F, F)
+  target = jnp.einsum('...tm,mf->...tf', mel, basis)
+  eps = jnp.finfo(log_mel.dtype).tiny
+
+  def update(_, magnitude):
+    return magnitude * target / (magnitude @ gram + eps)
+
+  start = jnp.maximum(target, 0.0) / (jnp.sum(basis, axis=0) ** 2 + eps) + eps
+  return jax.lax.fori_loop(0, iterations, update, start)
+
+
+def griffin_lim(cfg: MelConfig, magnitude: Array, iterations: int = 64, momentum: float = 0.99,
+                seed: int = 0) -> Array:
+  """Fast Griffin-Lim (Perraudin et al. 2013, as in librosa) for our STFT convention.
+
+  magnitude (..., T, n_freq) -> wave (..., T * hop). Random initial phases from `seed`.
+  """
+  phase = jax.random.uniform(jax.random.key(seed), magnitude.shape, magnitude.dtype, 0, 2 * np.pi)
+  angles = jnp.exp(1j * phase)
+  eps = jnp.finfo(magnitude.dtype).tiny
+
+  def step(_, carry):
+    angles, previous = carry
+    rebuilt = stft(cfg, istft(cfg, magnitude * angles))
+    angles = rebuilt - (momentum / (1 + momentum)) * previous
+    return angles / (jnp.abs(angles) + eps), rebuilt
+
+  angles, _ = jax.lax.fori_loop(0, iterations, step, (angles, jnp.zeros_like(angles)))
+  return istft(cfg, magnitude * angles)
+
+
+def mel_to_wave(cfg: MelConfig, log_mel: Array, iterations: int = 64, seed: int = 0) -> Array:
+  """Griffin-Lim vocoder: log-mel (..., T, n_mels) -> wave (..., T * hop), clipped to [-1, 1]."""
+  return jnp.clip(griffin_lim(cfg, mel_to_magnitude(cfg, log_mel), iterations, seed=seed), -1.0, 1.0)
