@@ -3,10 +3,12 @@
 import json
 
 import numpy as np
+import pytest
 import safetensors.numpy
 
 from conftest import fixture_path
 from mmaudio_fixtures import tiny_config
+from visaudio_jax.audio.wav import read_wav
 from visaudio_jax.eval import sampling
 from visaudio_jax.model import presets
 
@@ -19,8 +21,28 @@ def test_sampling_from_imported_mmaudio_weights(tmp_path):
     config.model[key] = getattr(fixture, key)
   config.model.duration_s = 2.0
   config.flow.num_steps = 3
+  config.codec.preset = ''  # the fixture net's 10 latent channels fit no codec: latents only
   summary = sampling.run(config, str(tmp_path), str(fixture_path('mmaudio_net', 'tiny_v1_state.pth')))
   latents = safetensors.numpy.load_file(str(tmp_path / 'latents.safetensors'))['latents']
   assert latents.shape == (2, 2, 43, 10) and np.isfinite(latents).all()
   assert json.loads((tmp_path / 'summary.json').read_text()) == summary
   assert summary['network_evals_per_sample_batch'] == 6 and summary['params'] > 636_934
+
+
+def test_sampling_writes_stereo_wavs_on_the_embedded_default(tmp_path):
+  """tiny config, fresh weights: latents -> tiny mel codec (Griffin-Lim) -> one stereo WAV per item."""
+  config = presets.experiment_config('tiny')
+  config.flow.num_steps = 2
+  summary = sampling.run(config, str(tmp_path))
+  assert summary['wav_files'] == ['sample_0.wav', 'sample_1.wav']
+  wave, rate = read_wav(tmp_path / 'sample_1.wav')
+  latents = safetensors.numpy.load_file(str(tmp_path / 'latents.safetensors'))['latents']
+  assert rate == 16000 and wave.shape == (2, latents.shape[2] * 256)
+  assert 0 < np.abs(wave).max() <= 1.0
+
+
+def test_sampling_refuses_a_codec_that_does_not_fit_the_model(tmp_path):
+  config = presets.experiment_config('tiny')
+  config.codec.preset = 'mmaudio_16k'
+  with pytest.raises(ValueError, match='codec and model disagree'):
+    sampling.run(config, str(tmp_path))

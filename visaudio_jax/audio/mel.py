@@ -2,8 +2,10 @@
 
 Layout is channels-last: waveforms (..., L), spectrograms (..., T, F). The STFT has no centring:
 the waveform is reflect-padded by (n_fft - hop)/2 on each side instead, so T = L // hop exactly.
-The float32 constants are the reference ones: torch's periodic Hann window (bitwise, shipped for
-the two MMAudio FFT sizes because numpy's cosine rounds differently) and librosa's Slaney filterbank.
+The float32 constants are the reference ones: torch's periodic Hann window and librosa's Slaney
+filterbank, shipped bitwise for MMAudio's two front ends (torch's float32 cosine cannot be
+reproduced in numpy, and a pinned filterbank does not drift with librosa versions); other sizes are
+computed (librosa is imported only then).
 """
 from __future__ import annotations
 
@@ -13,7 +15,6 @@ import pathlib
 
 import jax
 import jax.numpy as jnp
-import librosa
 import numpy as np
 import safetensors.numpy
 
@@ -58,7 +59,10 @@ MEL_44K = MelConfig(sample_rate=44100, n_fft=2048, hop_length=512, n_mels=128, f
 
 @functools.lru_cache(maxsize=None)
 def _packaged_constants() -> dict[str, np.ndarray]:
-  return safetensors.numpy.load_file(_CONSTANTS)
+  tables = safetensors.numpy.load_file(_CONSTANTS)
+  for table in tables.values():
+    table.flags.writeable = False  # shared through the caches below
+  return tables
 
 
 @functools.lru_cache(maxsize=None)
@@ -72,8 +76,14 @@ def hann_window(n: int, shipped: bool = True) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=None)
-def mel_basis(cfg: MelConfig) -> np.ndarray:
+def mel_basis(cfg: MelConfig, shipped: bool = True) -> np.ndarray:
   """librosa's float32 Slaney-scale, Slaney-normalised filterbank, (n_mels, n_freq)."""
+  fmax = cfg.sample_rate / 2 if cfg.fmax is None else cfg.fmax
+  key = f'mel_basis_{cfg.sample_rate}_{cfg.n_fft}_{cfg.n_mels}_{cfg.fmin:g}_{fmax:g}'
+  table = _packaged_constants().get(key) if shipped else None
+  if table is not None:
+    return table
+  import librosa  # heavy (numba, scipy): only for front ends other than MMAudio's
   return librosa.filters.mel(sr=cfg.sample_rate, n_fft=cfg.n_fft, n_mels=cfg.n_mels, fmin=cfg.fmin,
                              fmax=cfg.fmax, dtype=np.float32)
 

@@ -1,8 +1,10 @@
 """Batch sampling: params (fresh seeded, or imported MMAudio weights made binaural) + features ->
-binaural latents, with a jitted Euler/Heun CFG loop.
+binaural latents, with a jitted Euler/Heun CFG loop -> stereo WAV files through the audio codec.
 
-Until the encoder and codec issues land, features are seeded random arrays of the right shapes and
-the output is latents (no waveform): this exercises the real network and sampler end to end.
+Until the encoder issue lands, features are seeded random arrays of the right shapes: this
+exercises the real network, sampler and codec end to end. The codec is the config's `codec` block:
+the tiny config's mel codec needs no weights; MMAudio's VAE + vocoder need their checkpoints
+(`codec.vae_ckpt`, `codec.vocoder_ckpt`), without which only latents are written.
 """
 from __future__ import annotations
 
@@ -15,6 +17,8 @@ import jax
 import ml_collections
 import numpy as np
 
+from visaudio_jax.audio import codec as codec_lib
+from visaudio_jax.audio.wav import write_wav
 from visaudio_jax.convert import mmaudio
 from visaudio_jax.convert.torch_io import write_safetensors
 from visaudio_jax.model import flow_matching as fm
@@ -51,6 +55,10 @@ def random_features(cfg: NetworkConfig, batch: int, seed: int) -> tuple[dict, ja
 
 def run(config: ml_collections.ConfigDict, output_dir: str, mmaudio_ckpt: str | None = None) -> dict:
   cfg, params = load_params(config, mmaudio_ckpt)
+  codec_cfg, codec_params = (None, None)
+  if config.codec.preset:
+    codec_cfg, codec_params = codec_lib.load_codec(config.codec)
+    codec_lib.check_matches_network(codec_cfg, cfg)
   flow = flow_config(config)
   feats, x0 = random_features(cfg, config.sample.batch_size, config.seed)
   sampler = fm.make_sampler(FlowNetwork(cfg), flow)
@@ -76,6 +84,17 @@ def run(config: ml_collections.ConfigDict, output_dir: str, mmaudio_ckpt: str | 
   }
   out = pathlib.Path(output_dir)
   out.mkdir(parents=True, exist_ok=True)
+  if codec_params is not None:
+    start = time.perf_counter()
+    waves = np.asarray(jax.jit(lambda p, z: codec_lib.decode_binaural(codec_cfg, p, z))(codec_params, latents))
+    summary['decode_s'] = round(time.perf_counter() - start, 3)
+    summary['wav_files'] = []
+    for i, wave in enumerate(waves):  # (E, L) each
+      write_wav(out / f'sample_{i}.wav', wave, codec_cfg.sample_rate)
+      summary['wav_files'].append(f'sample_{i}.wav')
+    summary['wave_rms_left_right'] = [float(np.sqrt(np.mean(waves[:, e] ** 2))) for e in (0, -1)]
+  elif config.codec.preset:
+    summary['wav_files'] = f'none: codec {config.codec.preset} needs codec.vae_ckpt and codec.vocoder_ckpt'
   write_safetensors({'latents': latents}, out / 'latents.safetensors',
                     metadata={'config': config.to_json(), 'summary': json.dumps(summary)})
   (out / 'summary.json').write_text(json.dumps(summary, indent=2))

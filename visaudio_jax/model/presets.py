@@ -34,6 +34,7 @@ TINY_MODEL = dict(
 TINY_SPACETIME = dict(enabled=True, pe_dim=32, grid_h=4, grid_w=4, fps=4.0, pool_dim=32, pool_heads=2)
 
 PRESETS = {**MMAUDIO_PRESETS, 'tiny': TINY_MODEL}
+CODEC_FOR_PRESET = {'tiny': 'tiny_mel', 'small_16k': 'mmaudio_16k'}  # the others: 'mmaudio_44k'
 
 
 def model_config(preset: str, mono: bool = False) -> ml_collections.ConfigDict:
@@ -107,6 +108,10 @@ def experiment_config(preset: str, arg: str | None = None) -> ml_collections.Con
       min_sigma=0.0, t_mean=0.0, t_scale=1.0, null_video_prob=0.1, null_text_prob=0.1,
       cfg_strength=4.5, num_steps=25, method='euler'))
   config.sample = ml_collections.ConfigDict(dict(batch_size=2, negative_prompt=''))
+  # Waveform <-> latent codec (visaudio_jax/audio/codec.py); MMAudio presets need the official
+  # VAE and vocoder weights to make sound, the tiny config's mel codec needs none.
+  config.codec = ml_collections.ConfigDict(dict(preset=CODEC_FOR_PRESET.get(preset, 'mmaudio_44k'),
+                                                vae_ckpt='', vocoder_ckpt=''))
   config.mesh = ml_collections.ConfigDict(dict(shape=(-1, 1, 1), axes=('data', 'fsdp', 'tensor')))
   config.logical_axis_rules = [list(r) for r in LOGICAL_AXIS_RULES]
   return config
