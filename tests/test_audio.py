@@ -244,3 +244,33 @@ def test_binaural_codec_batches_ears_like_mono_calls():
   np.testing.assert_array_equal(post.mean[:, 1], mono.mean)
   back = jax.jit(lambda z: codec_lib.decode_binaural(cfg, {}, z))(post.mean)
   assert back.shape == (2, 2, 4096) and np.isfinite(back).all() and np.abs(back).max() <= 1.0
+
+
+def test_vae_codec_end_to_end_matches_mmaudio_chain_per_ear():
+  """The two fixture items as the two ears of one clip: wave -> posterior (vae16k_io_f64) and
+  latent z -> VAE decoder -> BigVGAN (bigvgan16k_io.safetensors: chain_wave_f64), in float64,
+  both ears in one batched call each way."""
+  from visaudio_jax.convert.bigvgan import load_vocoder
+  vae_cfg, vae = convert_audio.load_vae(fixture_path('mmaudio_audio', 'vae', 'vae16k_raw.safetensors'))
+  voc_cfg, voc = load_vocoder(fixture_path('mmaudio_audio', 'vocoder', 'bigvgan16k_wn.safetensors'))
+  cfg = codec_lib.CodecConfig('vae', mel_lib.MEL_16K, vae_cfg, voc_cfg)
+  mel, io, chain = load('mel', 'mel16k.safetensors'), load('vae', 'vae16k_io_f64.safetensors'), \
+      load('vocoder', 'bigvgan16k_io.safetensors')
+  with jax.enable_x64(True):
+    params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float64), {'vae': vae, 'vocoder': voc})
+    post = jax.jit(lambda p, w: codec_lib.encode_binaural(cfg, p, w))(params, jnp.asarray(mel['waveform'])[None])
+    assert post.mean.shape == (1, 2, 31, 20) and post.mean.dtype == jnp.float64
+    assert max_rel(post.mean[0], channels_last(io['posterior_mean'])) < 1e-10
+    assert max_rel(post.std[0], channels_last(io['posterior_std'])) < 1e-10
+    wave = jax.jit(lambda p, z: codec_lib.decode_binaural(cfg, p, z))(params, jnp.asarray(channels_last(io['z']))[None])
+    assert wave.shape == (1, 2, 62 * 256)
+    assert max_rel(wave[0], chain['chain_wave_f64'][:, 0]) < 1e-10
+
+
+def test_codec_config_checks_its_parts_fit():
+  with pytest.raises(ValueError, match='mel bins disagree'):
+    codec_lib.CodecConfig('vae', mel_lib.MEL_44K, VAE_16K, codec_lib.vocoder_lib.BIGVGAN_16K)
+  with pytest.raises(ValueError, match="kind must be one of"):
+    codec_lib.CodecConfig('wavenet', mel_lib.MEL_16K)
+  for name, cfg in codec_lib.CODEC_PRESETS.items():
+    assert cfg.samples_per_latent == {'mmaudio_16k': 512, 'mmaudio_44k': 1024, 'tiny_mel': 256}[name]
