@@ -1,7 +1,8 @@
-"""Sample binaural latents with the jitted flow-matching sampler.
+"""Sample binaural audio with the jitted flow-matching sampler: latents, then stereo WAVs.
 
   python sample.py --config=configs/tiny.py --output_dir=out/sample
-  python sample.py --config=configs/large_44k_v2.py --mmaudio_ckpt=weights/mmaudio_large_44k_v2.pth
+  python sample.py --config=configs/large_44k_v2.py --mmaudio_ckpt=weights/mmaudio_large_44k_v2.pth \
+      --config.codec.vae_ckpt=weights/v1-44.pth --config.codec.vocoder_ckpt=weights/bigvgan_v2_44k.pt
 """
 from absl import app, flags
 from ml_collections import config_flags
@@ -10,7 +11,7 @@ from visaudio_jax.eval import sampling
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/tiny.py', 'Config file (ml_collections).',
                                           lock_config=True)
-_OUTPUT = flags.DEFINE_string('output_dir', 'out/sample', 'Where latents.safetensors and summary.json go.')
+_OUTPUT = flags.DEFINE_string('output_dir', 'out/sample', 'Where sample_<i>.wav, latents.safetensors and summary.json go.')
 _CKPT = flags.DEFINE_string('mmaudio_ckpt', None, 'MMAudio .pth/.safetensors to start from (made binaural).')
 
 

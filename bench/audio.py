@@ -72,17 +72,19 @@ def measure(name: str) -> dict:
 def main(argv):
   del argv
   device = jax.devices()[0]
-  rows = [measure(p) for p in _PRESETS.value]
+  out = pathlib.Path(_OUT.value or f'bench/results/audio_{device.platform}.json')
+  out.parent.mkdir(parents=True, exist_ok=True)
   cols = ['preset', 'dtype', 'batch', 'clip_s', 'encode_s', 'decode_vocode_s', 'encode_x_realtime',
           'decode_x_realtime', 'decode_gflop', 'compile_s']
   print(f'device: {device.device_kind} ({device.platform}), jax {jax.__version__}')
-  print(' | '.join(f'{c:>17}' for c in cols))
-  for r in rows:
-    print(' | '.join(f'{r[c]:>17.3f}' if isinstance(r[c], float) else f'{r[c]!s:>17}' for c in cols))
-  out = pathlib.Path(_OUT.value or f'bench/results/audio_{device.platform}.json')
-  out.parent.mkdir(parents=True, exist_ok=True)
-  out.write_text(json.dumps({'device': device.device_kind, 'platform': device.platform,
-                             'jax': jax.__version__, 'rows': rows}, indent=2))
+  print(' | '.join(f'{c:>17}' for c in cols), flush=True)
+  rows = []
+  for preset in _PRESETS.value:  # each row is printed and saved as soon as it is measured
+    rows.append(measure(preset))
+    print(' | '.join(f'{v:>17.3f}' if isinstance(v, float) else f'{v!s:>17}' for v in map(rows[-1].get, cols)),
+          flush=True)
+    out.write_text(json.dumps({'device': device.device_kind, 'platform': device.platform,
+                               'jax': jax.__version__, 'rows': rows}, indent=2))
   print(f'wrote {out}')
 
 

@@ -180,7 +180,8 @@ def _reduced_state():
     (lambda s: s.update({'encoder.extra.weight': np.zeros((1,), np.float32)}), 'unexpected keys (encoder.extra.weight'),
     (lambda s: s.update({'decoder.up.1.upsample.conv.weight': np.zeros((16, 16, 5), np.float32)}),
      'decoder.up.1.upsample.conv.weight: (16, 16, 5), expected (16, 16, 3)'),
-    (lambda s: s['encoder.conv_in.weight'].__setitem__((0, 0, 0), np.nan), 'non-finite values in encoder.conv_in.weight'),
+    (lambda s: s['encoder.conv_in.weight'].__setitem__((0, 0, 0), np.nan),
+     'non-finite values in encoder.conv_in.weight'),
     (lambda s: s.update({'data_mean': np.zeros((1, 64, 1), np.float32)}), 'data_dim 64'),
 ])
 def test_vae_import_rejects_bad_state_dicts(edit, message):

@@ -87,7 +87,9 @@ class ResnetBlock1D(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    conv = lambda name, k: MPConv1D(self.features, k, self.dtype, self.precision, name=name)
+    def conv(name, k):
+      return MPConv1D(self.features, k, self.dtype, self.precision, name=name)
+
     x = normalize(x)
     h = conv('conv2', self.kernel_size)(mp_silu(conv('conv1', self.kernel_size)(mp_silu(x))))
     if x.shape[-1] != self.features:
