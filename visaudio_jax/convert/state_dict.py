@@ -59,12 +59,16 @@ def require_finite(source: str | os.PathLike, state: Mapping[str, np.ndarray]) -
     raise CheckpointError(f'{os.fspath(source)}: non-finite values in {", ".join(bad[:8])}')
 
 
+# torch attribute names that end in `_<digit>` (not ModuleList indices) in the modules we port.
+TORCH_ATTRIBUTES = frozenset({'ln_1', 'ln_2', 'ls_1', 'ls_2'})
+
+
 def torch_key(path: tuple[str, ...], attributes: frozenset[str] = frozenset()) -> str:
   """Inverse of `module_path` over a known layout: `_<digits>` suffixes become indices, except for
-  the `parent/name` pairs in `attributes`, which are torch attribute names (e.g. 'mid/block_1')."""
+  names in TORCH_ATTRIBUTES or `attributes`, given as `name` or `parent/name` (e.g. 'mid/block_1')."""
   parts: list[str] = []
   for i, name in enumerate(path):
-    if i and f'{path[i - 1]}/{name}' in attributes:
+    if name in TORCH_ATTRIBUTES or name in attributes or (i and f'{path[i - 1]}/{name}' in attributes):
       parts.append(name)
       continue
     head, *indices = name.split('_')
@@ -74,3 +78,56 @@ def torch_key(path: tuple[str, ...], attributes: frozenset[str] = frozenset()) -
       raise ValueError(f'cannot map param path {path} to a torch key')
     parts += [head, *indices]
   return '.'.join(parts)
+
+
+def flax_leaf(key: str, value: np.ndarray, embeddings: tuple[str, ...] = ()) -> tuple[tuple[str, ...], np.ndarray]:
+  """One torch state-dict entry -> (our param path, array), for modules that mirror torch's:
+
+  Linear `weight` (out, in) -> `kernel` (in, out); conv `weight` (out, in, *k) -> `kernel`
+  (*k, in, out); LayerNorm `weight` (C,) -> `scale`; nn.MultiheadAttention's packed
+  `in_proj_weight` / `in_proj_bias` -> `in_proj/kernel` (in, 3W) / `in_proj/bias`; the `weight` of
+  a module named in `embeddings` (nn.Embedding) -> `embedding`, untransposed. Anything else keeps
+  its name and layout.
+  """
+  path = module_path(key)
+  *parent, leaf = path
+  if leaf == 'in_proj_weight':
+    return (*parent, 'in_proj', 'kernel'), value.T
+  if leaf == 'in_proj_bias':
+    return (*parent, 'in_proj', 'bias'), value
+  if leaf != 'weight':
+    return path, value
+  if parent and parent[-1] in embeddings:
+    return (*parent, 'embedding'), value
+  if value.ndim == 1:
+    return (*parent, 'scale'), value
+  if value.ndim == 2:
+    return (*parent, 'kernel'), value.T
+  return (*parent, 'kernel'), np.moveaxis(value, (0, 1), (-1, -2))  # (out, in, *k) -> (*k, in, out)
+
+
+def torch_shapes(params: dict, attributes: frozenset[str] = frozenset(), embeddings: tuple[str, ...] = ()
+                 ) -> dict[str, tuple[int, ...]]:
+  """The torch state dict (key -> shape) that `flax_leaf` maps onto `params` (arrays or shape structs)."""
+  shapes = {}
+  for path, leaf in traverse_util.flatten_dict(params).items():
+    *parent, name = path
+    shape = tuple(leaf.shape)
+    if parent and parent[-1] == 'in_proj':
+      key = torch_key(tuple(parent[:-1]) + (f'in_proj_{"weight" if name == "kernel" else "bias"}',), attributes)
+      shapes[key] = shape[::-1] if name == 'kernel' else shape
+      continue
+    if name == 'embedding' and parent and parent[-1] in embeddings:
+      name = 'weight'
+    elif name == 'scale':
+      name = 'weight'
+    elif name == 'kernel':
+      name = 'weight'
+      shape = shape[::-1] if len(shape) == 2 else (shape[-1], shape[-2], *shape[:-2])
+    shapes[torch_key(tuple(parent) + (name,), attributes)] = shape
+  return shapes
+
+
+def params_from_state_dict(state: dict[str, np.ndarray], embeddings: tuple[str, ...] = ()) -> dict:
+  """A whole (checked) state dict -> nested params by `flax_leaf`."""
+  return traverse_util.unflatten_dict(dict(flax_leaf(k, v, embeddings) for k, v in state.items()))

@@ -187,13 +187,14 @@ def modulate(x: Array, shift: Array, scale: Array) -> Array:
   return x * (1 + scale) + shift
 
 
-def apply_rope(x: Array, rot: Array) -> Array:
+def apply_rope(x: Array, rot: Array, round_to_float32: bool = True) -> Array:
   """Rotate adjacent pairs (x[2k], x[2k+1]) of each head. x (..., L, H, Dh), rot (L, Dh/2, 2, 2).
 
-  Like MMAudio, q/k are rounded to float32 first and the rotation is computed in >= float32.
+  Like MMAudio, q/k are rounded to float32 first (`round_to_float32`; the Perception Encoder does
+  not) and the rotation is computed in >= float32.
   """
   ctype = norm_dtype(x.dtype)
-  xf = x.astype(jnp.float32).astype(ctype)
+  xf = (x.astype(jnp.float32) if round_to_float32 else x).astype(ctype)
   xf = xf.reshape(x.shape[:-1] + (x.shape[-1] // 2, 2))
   r = jnp.asarray(rot).astype(ctype)[:, None]  # (L, 1, Dh/2, 2, 2)
   out0 = r[..., 0, 0] * xf[..., 0] + r[..., 0, 1] * xf[..., 1]
