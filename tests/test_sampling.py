@@ -9,6 +9,7 @@ import safetensors.numpy
 from conftest import fixture_path
 from mmaudio_fixtures import tiny_config
 from visaudio_jax.audio.wav import read_wav
+from visaudio_jax.encoders.video import write_video
 from visaudio_jax.eval import sampling
 from visaudio_jax.model import presets
 
@@ -46,3 +47,18 @@ def test_sampling_refuses_a_codec_that_does_not_fit_the_model(tmp_path):
   config.codec.preset = 'mmaudio_16k'
   with pytest.raises(ValueError, match='codec and model disagree'):
     sampling.run(config, str(tmp_path))
+
+
+def test_sampling_conditioned_on_a_video_file(tmp_path):
+  """A video written here -> tiny seeded encoders -> sampler -> WAV. (A fresh MMAudio-style init has a
+  zero output layer, so its latents do not depend on the conditions yet: shapes and files only.)"""
+  frames = np.random.default_rng(0).integers(0, 256, (60, 48, 64, 3), np.uint8)
+  write_video(tmp_path / 'clip.mp4', frames, 24)  # 2.5 s
+  config = presets.experiment_config('tiny')
+  config.flow.num_steps = 2
+  summary = sampling.run(config, str(tmp_path / 'out'), videos=[str(tmp_path / 'clip.mp4')], captions=['rain'])
+  assert summary['batch'] == 1 and summary['wav_files'] == ['sample_0.wav'] and 'clip.mp4' in summary['features']
+  latents = safetensors.numpy.load_file(str(tmp_path / 'out' / 'latents.safetensors'))['latents']
+  assert latents.shape == (1, 2, 125, 32) and np.isfinite(latents).all()
+  with pytest.raises(ValueError, match='1 videos but 2 captions'):
+    sampling.run(config, str(tmp_path / 'bad'), videos=[str(tmp_path / 'clip.mp4')], captions=['a', 'b'])

@@ -1,8 +1,9 @@
 """Batch sampling: params (fresh seeded, or imported MMAudio weights made binaural) + features ->
 binaural latents, with a jitted Euler/Heun CFG loop -> stereo WAV files through the audio codec.
 
-Until the encoder issue lands, features are seeded random arrays of the right shapes: this
-exercises the real network, sampler and codec end to end. The codec is the config's `codec` block:
+Features come from videos and captions through the conditioning encoders (the config's
+`encoders` block: the tiny config's seeded encoders, or the official checkpoints), or, with no
+video, are seeded random stand-ins of the right shapes. The codec is the config's `codec` block:
 the tiny config's mel codec needs no weights; MMAudio's VAE + vocoder need their checkpoints
 (`codec.vae_ckpt`, `codec.vocoder_ckpt`), without which only latents are written.
 """
@@ -19,11 +20,12 @@ import numpy as np
 
 from visaudio_jax.audio import codec as codec_lib
 from visaudio_jax.audio.wav import write_wav
+from visaudio_jax import encoders
 from visaudio_jax.convert import mmaudio
 from visaudio_jax.convert.torch_io import write_safetensors
 from visaudio_jax.model import flow_matching as fm
 from visaudio_jax.model.config import NetworkConfig, network_config
-from visaudio_jax.model.network import FlowNetwork, feature_shapes
+from visaudio_jax.model.network import FlowNetwork, check_shape, feature_shapes
 
 
 def flow_config(config: ml_collections.ConfigDict) -> fm.FlowMatchingConfig:
@@ -53,14 +55,40 @@ def random_features(cfg: NetworkConfig, batch: int, seed: int) -> tuple[dict, ja
   return arrays, x0
 
 
-def run(config: ml_collections.ConfigDict, output_dir: str, mmaudio_ckpt: str | None = None) -> dict:
+def video_features(config: ml_collections.ConfigDict, cfg: NetworkConfig, videos: list[str],
+                   captions: list[str]) -> dict:
+  """Decode `videos` and run the conditioning encoders: the network's feature dict (B, ...)."""
+  enc = config.encoders
+  enc_cfg = encoders.encoders_config(enc.preset)
+  if enc.clip_ckpt or enc.sync_ckpt or enc.pe_ckpt:
+    enc_cfg, enc_params = encoders.load_encoders(enc_cfg, enc.clip_ckpt, enc.sync_ckpt, enc.pe_ckpt or None)
+  elif enc.preset == 'tiny':
+    enc_params = encoders.init_encoders(enc_cfg, config.seed)
+  else:
+    raise ValueError(f'encoders preset {enc.preset!r} needs encoders.clip_ckpt, sync_ckpt and pe_ckpt')
+  feats = encoders.extract(videos, captions, enc_cfg, enc_params, duration_s=cfg.duration_s, pad=True)
+  if not cfg.spacetime.enabled:
+    feats.pop('pe_f', None)
+  for name, shape in feature_shapes(cfg).items():
+    if name != 'latent':
+      check_shape(f'{name} from encoders preset {enc.preset!r}', feats.get(name), shape, len(videos))
+  return feats
+
+
+def run(config: ml_collections.ConfigDict, output_dir: str, mmaudio_ckpt: str | None = None,
+        videos: list[str] | None = None, captions: list[str] | None = None) -> dict:
   cfg, params = load_params(config, mmaudio_ckpt)
   codec_cfg, codec_params = (None, None)
   if config.codec.preset:
     codec_cfg, codec_params = codec_lib.load_codec(config.codec)
     codec_lib.check_matches_network(codec_cfg, cfg)
   flow = flow_config(config)
-  feats, x0 = random_features(cfg, config.sample.batch_size, config.seed)
+  feats, x0 = random_features(cfg, len(videos) if videos else config.sample.batch_size, config.seed)
+  if videos:
+    captions = captions or [''] * len(videos)
+    if len(captions) != len(videos):
+      raise ValueError(f'{len(videos)} videos but {len(captions)} captions')
+    feats = video_features(config, cfg, videos, captions)
   sampler = fm.make_sampler(FlowNetwork(cfg), flow)
   start = time.perf_counter()
   compiled = sampler.lower(params, feats, x0).compile()
@@ -74,8 +102,9 @@ def run(config: ml_collections.ConfigDict, output_dir: str, mmaudio_ckpt: str | 
   summary = {
       'preset': config.preset, 'params': int(sum(np.size(x) for x in jax.tree.leaves(params))),
       'weights': mmaudio_ckpt or f'fresh init, seed {config.seed} (untrained)',
-      'features': f'seeded random stand-ins, seed {config.seed}',
-      'batch': int(config.sample.batch_size), 'latent_shape': list(latents.shape),
+      'features': (f'encoders {config.encoders.preset} on {videos}' if videos else
+                   f'seeded random stand-ins, seed {config.seed}'),
+      'batch': int(x0.shape[0]), 'latent_shape': list(latents.shape),
       'steps': flow.num_steps, 'method': flow.method, 'cfg_strength': flow.cfg_strength,
       'network_evals_per_sample_batch': nfe, 'compile_s': round(compile_s, 3), 'sample_s': round(run_s, 3),
       'latent_rms': float(np.sqrt(np.mean(latents ** 2))),

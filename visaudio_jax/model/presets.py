@@ -112,6 +112,10 @@ def experiment_config(preset: str, arg: str | None = None) -> ml_collections.Con
   # VAE and vocoder weights to make sound, the tiny config's mel codec needs none.
   config.codec = ml_collections.ConfigDict(dict(preset=CODEC_FOR_PRESET.get(preset, 'mmaudio_44k'),
                                                 vae_ckpt='', vocoder_ckpt=''))
+  # Conditioning encoders (visaudio_jax/encoders): the tiny config's are seeded; MMAudio's need the
+  # official CLIP (open_clip DFN5B), Synchformer and PE-Spatial-B16 checkpoints.
+  config.encoders = ml_collections.ConfigDict(dict(preset='tiny' if preset == 'tiny' else 'mmaudio',
+                                                   clip_ckpt='', sync_ckpt='', pe_ckpt=''))
   config.mesh = ml_collections.ConfigDict(dict(shape=(-1, 1, 1), axes=('data', 'fsdp', 'tensor')))
   config.logical_axis_rules = [list(r) for r in LOGICAL_AXIS_RULES]
   return config
