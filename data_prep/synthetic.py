@@ -30,15 +30,18 @@ import os
 import pathlib
 import time
 import uuid
+import sys
 import zlib
 from collections.abc import Callable, Sequence
 
-import numpy as np
-import scipy.signal
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from visaudio_jax.audio.wav import write_wav
-from visaudio_jax.data import binaural
-from visaudio_jax.encoders.video import write_video
+import numpy as np  # noqa: E402
+import scipy.signal  # noqa: E402
+
+from visaudio_jax.audio.wav import write_wav  # noqa: E402
+from visaudio_jax.data import binaural  # noqa: E402
+from visaudio_jax.encoders.video import write_video  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
