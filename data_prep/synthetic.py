@@ -388,6 +388,9 @@ def main(argv: Sequence[str] | None = None) -> None:
   parser.add_argument('--size', type=int, default=SyntheticConfig.size)
   parser.add_argument('--sofa', default=None, help='SimpleFreeFieldHRIR .sofa file (default: spherical head model), '
                       'e.g. /usr/share/libmysofa/default.sofa from Debian libmysofa1')
+  parser.add_argument('--shards', default=None, help='also extract features into TFRecord shards here '
+                      '(<shards>/<split>/), with the seeded encoders and codec of --preset')
+  parser.add_argument('--preset', default='tiny', help='experiment preset for --shards (configs/<preset>.py)')
   args = parser.parse_args(argv)
   sizes = {'train': args.num_train, 'valid': args.num_valid, 'test': args.num_test}
   if args.num_clips is not None:
@@ -402,6 +405,16 @@ def main(argv: Sequence[str] | None = None) -> None:
   seconds = time.perf_counter() - start
   total = sum(sizes.values())
   print(f'wrote {total} clips ({sizes}) to {args.out} in {seconds:.1f} s ({total / seconds:.2f} clips/s)')
+  if args.shards:  # the same feature extraction as real data, so the demo runs the real pipeline
+    from data_prep.extract_features import build
+    from visaudio_jax.model import presets
+
+    experiment = presets.experiment_config(args.preset)
+    for split in sizes:
+      summary = build(experiment, pathlib.Path(args.out) / split / 'manifest.jsonl',
+                      pathlib.Path(args.shards) / split, split)
+      print(f"{split}: {summary['examples']} examples in {len(summary['shards'])} shards, "
+            f"{len(summary['skipped'])} skipped, {summary['seconds']} s")
 
 
 if __name__ == '__main__':
