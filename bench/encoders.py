@@ -63,8 +63,8 @@ def main(argv):
   run_counts['sync'] = 16 + 8 * (run_segments - 1)
   scales = {s: frame_counts[s] / run_counts[s] for s in cfg.streams}
   scales['sync'] = segments / run_segments
-  calls = {s: (features.STREAM_FEATURES[s], jnp.asarray(rng.integers(0, 256, (1, run_counts[s], 360, 640, 3), np.uint8)))
-           for s in cfg.streams}
+  frames = {s: jnp.asarray(rng.integers(0, 256, (1, run_counts[s], 360, 640, 3), np.uint8)) for s in cfg.streams}
+  calls = {s: (features.STREAM_FEATURES[s], frames[s]) for s in cfg.streams}
   tokens = jnp.zeros((1, cfg.clip.context_length), jnp.int32)
   calls['text'] = (features.text_features, tokens)
   scales['text'] = 1.0

@@ -272,7 +272,10 @@ def make_clip(config: SyntheticConfig, rng: np.random.Generator, hrtf: binaural.
   t_audio = np.arange(num_samples) / config.sample_rate
   t_video = np.arange(num_frames) / config.fps
   knots, yaws = _yaw_track(rng, config, duration)
-  yaw = lambda t: np.interp(t, knots, yaws)
+
+  def yaw(t):
+    return np.interp(t, knots, yaws)
+
   yaw_change = yaws[-1] - yaws[0]
 
   edge = 0.8 * config.fov_deg / 2
