@@ -236,13 +236,5 @@ def load_vocoder(path: str | os.PathLike, config: VocoderConfig | None = None, k
   `key` selects a nested state dict. With key None, a torch file whose top level is not a flat
   tensor dict is read under 'generator', where MMAudio's `best_netG.pt` keeps the generator.
   """
-  try:
-    state = read_state_dict(path, key)
-  except CheckpointError as err:
-    if key is not None:
-      raise
-    try:
-      state = read_state_dict(path, 'generator')
-    except CheckpointError:
-      raise err from None
+  state = read_state_dict(path, key, wrappers=('generator',))
   return state_dict_to_vocoder_params(state, config, source=os.fspath(path))

@@ -137,13 +137,5 @@ def load_clip(path: str | os.PathLike, config: CLIPConfig | str | None = None, k
     if config not in CLIP_PRESETS:
       raise ValueError(f'unknown CLIP preset {config!r}; expected one of {sorted(CLIP_PRESETS)}')
     config = CLIP_PRESETS[config]
-  try:
-    state = read_state_dict(path, key)
-  except CheckpointError as err:
-    if key is not None:
-      raise
-    try:
-      state = read_state_dict(path, 'state_dict')
-    except CheckpointError:
-      raise err from None
+  state = read_state_dict(path, key, wrappers=('state_dict',))
   return clip_state_dict_to_params(state, config, source=path)

@@ -109,17 +109,5 @@ def load_perception(path: str | os.PathLike, config: PEConfig | str | None = Non
   state dict; with None, a torch file whose top level is not a flat tensor dict is read under
   'state_dict', then 'weights' (the official loader's wrappers).
   """
-  try:
-    state = read_state_dict(path, key)
-  except CheckpointError as err:
-    if key is not None:
-      raise
-    for wrapper in ('state_dict', 'weights'):
-      try:
-        state = read_state_dict(path, wrapper)
-        break
-      except CheckpointError:
-        pass
-    else:
-      raise err from None
+  state = read_state_dict(path, key, wrappers=('state_dict', 'weights'))
   return state_dict_to_perception_params(state, config, dtype=dtype, source=os.fspath(path))

@@ -101,17 +101,5 @@ def load_synchformer(path: str | os.PathLike, config: SynchformerConfig | str | 
     if config not in SYNCHFORMER_PRESETS:
       raise ValueError(f'unknown Synchformer preset {config!r}; expected one of {sorted(SYNCHFORMER_PRESETS)}')
     config = SYNCHFORMER_PRESETS[config]
-  try:
-    state = read_state_dict(path, key)
-  except CheckpointError as err:
-    if key is not None:
-      raise
-    for nested in _NESTED:
-      try:
-        state = read_state_dict(path, nested)
-        break
-      except CheckpointError:
-        continue
-    else:
-      raise err from None
+  state = read_state_dict(path, key, wrappers=_NESTED)
   return state_dict_to_synchformer_params(state, config, source=path)

@@ -216,11 +216,14 @@ def _select_tensors(obj: Any, key: str | None, path: str | os.PathLike) -> dict[
     return dict(obj)
 
 
-def read_state_dict(path: str | os.PathLike, key: str | None = None) -> dict[str, np.ndarray]:
+def read_state_dict(path: str | os.PathLike, key: str | None = None,
+                    wrappers: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
     """Read the tensors of a safetensors file or a ``torch.save`` zip archive, in stored order.
 
     ``key`` selects a nested dict of tensors (e.g. ``'state_dict'``, ``'model'``, ``'ema'``) in a
-    torch checkpoint whose top level holds more than tensors. Raises ``CheckpointError``.
+    torch checkpoint whose top level holds more than tensors. With ``key=None``, ``wrappers`` are
+    the nested keys tried in order when the top level is not a flat dict of tensors (the file is
+    read once); if none fits, the top-level error is raised. Raises ``CheckpointError``.
     """
     try:
         with open(path, "rb") as file:
@@ -238,7 +241,19 @@ def read_state_dict(path: str | os.PathLike, key: str | None = None) -> dict[str
             raise _fail(path, f"corrupted or unsupported safetensors file "
                               f"({type(exc).__name__}: {exc})") from exc
     if head.startswith(b"PK\x03\x04"):
-        return _select_tensors(_read_torch_zip(path), key, path)
+        obj = _read_torch_zip(path)
+        try:
+            return _select_tensors(obj, key, path)
+        except CheckpointError:
+            if key is not None:
+                raise
+            for wrapper in wrappers:
+                if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
+                    try:
+                        return _select_tensors(obj, wrapper, path)
+                    except CheckpointError:
+                        continue
+            raise
     if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
         raise _fail(path, f"unsupported format: a plain pickle, i.e. a legacy (pre-1.6, non-zip) "
                           f"torch.save checkpoint; {_CONVERT_HINT}")
