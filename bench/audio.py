@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import pathlib
-import statistics
 import sys
 import time
 
@@ -21,6 +20,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
+from timing import median_seconds  # noqa: E402
 
 from visaudio_jax.audio import codec as codec_lib  # noqa: E402
 
@@ -30,16 +30,6 @@ _BATCH = flags.DEFINE_integer('batch', 1, 'Stereo clips per call (2 x batch mono
 _DTYPE = flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'], 'Compute dtype of VAE and vocoder.')
 _REPEATS = flags.DEFINE_integer('repeats', 3, 'Timed calls after one warm-up call.')
 _OUT = flags.DEFINE_string('out', None, 'JSON path (default bench/results/audio_<device>.json).')
-
-
-def _time(fn, *args) -> float:
-  jax.block_until_ready(fn(*args))  # warm-up
-  times = []
-  for _ in range(_REPEATS.value):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
 
 
 def measure(name: str) -> dict:
@@ -55,7 +45,8 @@ def measure(name: str) -> dict:
   latents = encode_c(params, wave).mean
   decode_c = decode.lower(params, latents).compile()
   compile_s = time.perf_counter() - start
-  encode_s, decode_s = _time(encode_c, params, wave), _time(decode_c, params, latents)
+  encode_s = median_seconds(encode_c, params, wave, repeats=_REPEATS.value)
+  decode_s = median_seconds(decode_c, params, latents, repeats=_REPEATS.value)
   audio_s = _BATCH.value * samples / cfg.sample_rate  # stereo clip-seconds per call
   return {
       'preset': name, 'dtype': _DTYPE.value, 'batch': _BATCH.value, 'clip_s': samples / cfg.sample_rate,

@@ -16,7 +16,6 @@ import dataclasses
 import json
 import math
 import pathlib
-import statistics
 import sys
 import time
 
@@ -26,6 +25,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
+from timing import median_seconds  # noqa: E402
 
 from visaudio_jax.encoders import features  # noqa: E402
 
@@ -35,16 +35,6 @@ _FRACTION = flags.DEFINE_float('fraction', 1.0, 'Share of the clip to run (then 
 _DTYPE = flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'], 'Compute dtype.')
 _REPEATS = flags.DEFINE_integer('repeats', 3, 'Timed calls after one warm-up call.')
 _OUT = flags.DEFINE_string('out', None, 'JSON path (default bench/results/encoders_<device>.json).')
-
-
-def _time(fn, *args) -> float:
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(_REPEATS.value):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
 
 
 def main(argv):
@@ -80,7 +70,7 @@ def main(argv):
     start = time.perf_counter()
     compiled = fn.lower(cfg, p, x).compile()
     compile_s = time.perf_counter() - start
-    secs = _time(compiled, p, x) * scales[name]
+    secs = median_seconds(compiled, p, x, repeats=_REPEATS.value) * scales[name]
     flop = (compiled.cost_analysis() or {}).get('flops', float('nan')) * scales[name]
     rows.append({'encoder': name, 'frames': frame_counts.get(name, cfg.clip.context_length),
                  'run_frames': int(x.shape[1]), 'seconds_per_clip': secs, 'tflop_per_clip': flop / 1e12,

@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import json
 import pathlib
-import statistics
 import sys
-import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
@@ -22,6 +20,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
+from timing import median_seconds  # noqa: E402
 
 from visaudio_jax.convert import mmaudio  # noqa: E402
 from visaudio_jax.model import flow_matching as fm  # noqa: E402
@@ -35,16 +34,6 @@ _FLAGS = flags.DEFINE_string('flags', '', 'Config flags (mono, bf16, scan, remat
 _BATCH = flags.DEFINE_integer('batch', 2, 'Batch size.')
 _REPEATS = flags.DEFINE_integer('repeats', 3, 'Timed calls after one warm-up call.')
 _OUT = flags.DEFINE_string('out', None, 'JSON path (default bench/results/network_<device>.json).')
-
-
-def _time(fn, *args) -> float:
-  jax.block_until_ready(fn(*args))  # warm-up
-  times = []
-  for _ in range(_REPEATS.value):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
 
 
 def _memory(compiled) -> float:
@@ -71,7 +60,8 @@ def measure(preset: str) -> dict:
   grad = jax.jit(jax.grad(lambda p, bt: fm.training_loss(model, p, bt, jax.random.key(0))[0]))
   fwd_c = forward.lower(params, latent, t, feats).compile()
   grad_c = grad.lower(params, batch).compile()
-  fwd_s, grad_s = _time(fwd_c, params, latent, t, feats), _time(grad_c, params, batch)
+  fwd_s = median_seconds(fwd_c, params, latent, t, feats, repeats=_REPEATS.value)
+  grad_s = median_seconds(grad_c, params, batch, repeats=_REPEATS.value)
   flops = network_flops(cfg, b)
   fwd_flops = flops['preprocess_conditions'] + flops['predict_flow']
   return {
