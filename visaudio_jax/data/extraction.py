@@ -94,15 +94,7 @@ class Extractor:
 
   def __init__(self, config: ml_collections.ConfigDict):
     self.net: NetworkConfig = network_config(config.model)
-    enc = config.encoders
-    self.enc_cfg = encoders.encoders_config(enc.preset)
-    if enc.clip_ckpt or enc.sync_ckpt or enc.pe_ckpt:
-      self.enc_cfg, self.enc_params = encoders.load_encoders(self.enc_cfg, enc.clip_ckpt, enc.sync_ckpt,
-                                                             enc.pe_ckpt or None)
-    elif enc.preset == 'tiny':
-      self.enc_params = encoders.init_encoders(self.enc_cfg, config.seed)
-    else:
-      raise ValueError(f'encoders preset {enc.preset!r} needs encoders.clip_ckpt, sync_ckpt and pe_ckpt')
+    self.enc_cfg, self.enc_params = encoders.encoders_from_config(config.encoders, config.seed)
     self.codec_cfg, self.codec_params = codec_lib.load_codec(config.codec)
     if self.codec_params is None:
       raise ValueError(f'codec {config.codec.preset!r} needs codec.vae_ckpt and codec.vocoder_ckpt to encode audio')

@@ -58,20 +58,13 @@ def random_features(cfg: NetworkConfig, batch: int, seed: int) -> tuple[dict, ja
 def video_features(config: ml_collections.ConfigDict, cfg: NetworkConfig, videos: list[str],
                    captions: list[str]) -> dict:
   """Decode `videos` and run the conditioning encoders: the network's feature dict (B, ...)."""
-  enc = config.encoders
-  enc_cfg = encoders.encoders_config(enc.preset)
-  if enc.clip_ckpt or enc.sync_ckpt or enc.pe_ckpt:
-    enc_cfg, enc_params = encoders.load_encoders(enc_cfg, enc.clip_ckpt, enc.sync_ckpt, enc.pe_ckpt or None)
-  elif enc.preset == 'tiny':
-    enc_params = encoders.init_encoders(enc_cfg, config.seed)
-  else:
-    raise ValueError(f'encoders preset {enc.preset!r} needs encoders.clip_ckpt, sync_ckpt and pe_ckpt')
+  enc_cfg, enc_params = encoders.encoders_from_config(config.encoders, config.seed)
   feats = encoders.extract(videos, captions, enc_cfg, enc_params, duration_s=cfg.duration_s, pad=True)
   if not cfg.spacetime.enabled:
     feats.pop('pe_f', None)
   for name, shape in feature_shapes(cfg).items():
     if name != 'latent':
-      check_shape(f'{name} from encoders preset {enc.preset!r}', feats.get(name), shape, len(videos))
+      check_shape(f'{name} from encoders preset {config.encoders.preset!r}', feats.get(name), shape, len(videos))
   return feats
 
 
