@@ -58,7 +58,8 @@ MEL_44K = MelConfig(sample_rate=44100, n_fft=2048, hop_length=512, n_mels=128, f
 
 
 @functools.lru_cache(maxsize=None)
-def _packaged_constants() -> dict[str, np.ndarray]:
+def reference_constants() -> dict[str, np.ndarray]:
+  """The shipped float32 tables (read-only): Hann windows, filterbanks, VAE mel statistics."""
   tables = safetensors.numpy.load_file(_CONSTANTS)
   for table in tables.values():
     table.flags.writeable = False  # shared through the caches below
@@ -69,7 +70,7 @@ def _packaged_constants() -> dict[str, np.ndarray]:
 def hann_window(n: int, shipped: bool = True) -> np.ndarray:
   """torch.hann_window(n) (periodic) in float32: shipped bitwise for n = 1024, 2048; otherwise
   computed in float64 and rounded (torch's float32 evaluation differs from that by up to 2e-7)."""
-  table = _packaged_constants().get(f'hann_window_{n}') if shipped else None
+  table = reference_constants().get(f'hann_window_{n}') if shipped else None
   if table is not None:
     return table
   return (0.5 - 0.5 * np.cos(2.0 * np.pi * np.arange(n) / n)).astype(np.float32)
@@ -80,7 +81,7 @@ def mel_basis(cfg: MelConfig, shipped: bool = True) -> np.ndarray:
   """librosa's float32 Slaney-scale, Slaney-normalised filterbank, (n_mels, n_freq)."""
   fmax = cfg.sample_rate / 2 if cfg.fmax is None else cfg.fmax
   key = f'mel_basis_{cfg.sample_rate}_{cfg.n_fft}_{cfg.n_mels}_{cfg.fmin:g}_{fmax:g}'
-  table = _packaged_constants().get(key) if shipped else None
+  table = reference_constants().get(key) if shipped else None
   if table is not None:
     return table
   import librosa  # heavy (numba, scipy): only for front ends other than MMAudio's

@@ -225,7 +225,7 @@ def _mel_stat(name: str, dim: int):
   """Default data_mean/data_std: MMAudio's DATA_{MEAN,STD}_{80,128}D constants (checkpoints carry them)."""
   def init(key, shape, dtype=jnp.float32):
     del key
-    table = mel_lib._packaged_constants().get(f'{name}_{dim}')
+    table = mel_lib.reference_constants().get(f'{name}_{dim}')
     if table is None:
       return jnp.zeros(shape, dtype) if name == 'data_mean' else jnp.ones(shape, dtype)
     return jnp.asarray(table, dtype)
