@@ -18,7 +18,7 @@ from flax import traverse_util
 
 from visaudio_jax.audio.vae import VAE_PRESETS, VAEConfig, init_vae
 from visaudio_jax.convert.bigvgan import load_vocoder  # noqa: F401  (part of this module's API)
-from visaudio_jax.convert.state_dict import (check_state_dict, module_path, require_finite,
+from visaudio_jax.convert.state_dict import (check_state_dict, module_path, require_finite, resolve_preset,
                                              torch_key)
 from visaudio_jax.convert.torch_io import CheckpointError, read_state_dict
 
@@ -111,8 +111,5 @@ def load_vae(path: str | os.PathLike, config: VAEConfig | str | None = None, *, 
   `fused`: the file holds inference weights already (after `remove_weight_norm`); official
   checkpoints do not.
   """
-  if isinstance(config, str):
-    if config not in VAE_PRESETS:
-      raise ValueError(f'unknown VAE preset {config!r}; expected one of {sorted(VAE_PRESETS)}')
-    config = VAE_PRESETS[config]
+  config = resolve_preset(config, VAE_PRESETS, 'VAE')
   return vae_state_dict_to_params(read_state_dict(path, key), config, fused=fused, source=path)

@@ -26,7 +26,7 @@ import jax
 import numpy as np
 
 from visaudio_jax.convert.state_dict import (check_state_dict, params_from_state_dict, require_finite,
-                                             torch_shapes)
+                                             resolve_preset, torch_shapes)
 from visaudio_jax.convert.torch_io import CheckpointError, read_state_dict
 from visaudio_jax.encoders.clip import CLIP_PRESETS, CLIPConfig, init_clip
 
@@ -133,9 +133,6 @@ def load_clip(path: str | os.PathLike, config: CLIPConfig | str | None = None, k
   `key` selects a nested state dict; with None, a torch file whose top level is not a flat tensor
   dict is read under 'state_dict'.
   """
-  if isinstance(config, str):
-    if config not in CLIP_PRESETS:
-      raise ValueError(f'unknown CLIP preset {config!r}; expected one of {sorted(CLIP_PRESETS)}')
-    config = CLIP_PRESETS[config]
+  config = resolve_preset(config, CLIP_PRESETS, 'CLIP')
   state = read_state_dict(path, key, wrappers=('state_dict',))
   return clip_state_dict_to_params(state, config, source=path)

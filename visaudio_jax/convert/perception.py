@@ -28,7 +28,7 @@ import jax
 import numpy as np
 
 from visaudio_jax.convert.state_dict import (check_state_dict, params_from_state_dict, require_finite,
-                                             torch_shapes)
+                                             resolve_preset, torch_shapes)
 from visaudio_jax.convert.torch_io import CheckpointError, read_state_dict
 from visaudio_jax.encoders.perception import PE_PRESETS, PEConfig, init_perception
 
@@ -81,10 +81,7 @@ def state_dict_to_perception_params(state: Mapping[str, np.ndarray], config: PEC
                                     ) -> tuple[PEConfig, dict]:
   """A vision-tower state dict (prefixed as `load_ckpt` accepts) -> (config, params in `dtype`;
   None keeps the stored dtype, e.g. float64 for the golden fixtures)."""
-  if isinstance(config, str):
-    if config not in PE_PRESETS:
-      raise ValueError(f'unknown Perception Encoder preset {config!r}; expected one of {sorted(PE_PRESETS)}')
-    config = PE_PRESETS[config]
+  config = resolve_preset(config, PE_PRESETS, 'Perception Encoder')
   state = unwrap_perception_state_dict(state)
   head = sorted(k for k in state if k in CORE_HEAD_KEYS or k.startswith(CORE_HEAD_PREFIXES))
   if head:

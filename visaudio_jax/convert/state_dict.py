@@ -9,7 +9,7 @@ not invertible by itself (`mid.block_1` is an attribute name); invert it over a 
 from __future__ import annotations
 
 import os
-from typing import Mapping
+from typing import Any, Mapping
 
 import numpy as np
 from flax import traverse_util
@@ -131,3 +131,12 @@ def torch_shapes(params: dict, attributes: frozenset[str] = frozenset(), embeddi
 def params_from_state_dict(state: dict[str, np.ndarray], embeddings: tuple[str, ...] = ()) -> dict:
   """A whole (checked) state dict -> nested params by `flax_leaf`."""
   return traverse_util.unflatten_dict(dict(flax_leaf(k, v, embeddings) for k, v in state.items()))
+
+
+def resolve_preset(config: Any, presets: Mapping[str, Any], what: str) -> Any:
+  """A loader's `config` argument: a config, None (infer from shapes), or a preset name."""
+  if not isinstance(config, str):
+    return config
+  if config not in presets:
+    raise ValueError(f'unknown {what} preset {config!r}; expected one of {sorted(presets)}')
+  return presets[config]

@@ -17,7 +17,7 @@ import jax
 import numpy as np
 
 from visaudio_jax.convert.state_dict import (check_state_dict, params_from_state_dict, require_finite,
-                                             torch_shapes)
+                                             resolve_preset, torch_shapes)
 from visaudio_jax.convert.torch_io import CheckpointError, read_state_dict
 from visaudio_jax.encoders.synchformer import SYNCHFORMER_PRESETS, SynchformerConfig, init_synchformer
 
@@ -97,9 +97,6 @@ def load_synchformer(path: str | os.PathLike, config: SynchformerConfig | str | 
   nested state dict; with None, a torch file whose top level is not a flat tensor dict is read
   under 'state_dict', then 'model'.
   """
-  if isinstance(config, str):
-    if config not in SYNCHFORMER_PRESETS:
-      raise ValueError(f'unknown Synchformer preset {config!r}; expected one of {sorted(SYNCHFORMER_PRESETS)}')
-    config = SYNCHFORMER_PRESETS[config]
+  config = resolve_preset(config, SYNCHFORMER_PRESETS, 'Synchformer')
   state = read_state_dict(path, key, wrappers=_NESTED)
   return state_dict_to_synchformer_params(state, config, source=path)
