@@ -116,10 +116,10 @@ class Conv1d(nn.Module):
                                           precision=PRECISIONS[self.precision])
 
     if self.branches:
-      batch_shape = x.shape[:-3]
-      xb = x.reshape((-1,) + x.shape[-3:])  # (B', E, L, in)
-      y = jax.vmap(conv, in_axes=(1, 0), out_axes=1)(xb, kernel)
-      y = y.reshape(batch_shape + y.shape[1:])
+      # One convolution per ear, not vmap: vmap makes a grouped convolution whose kernel gradient
+      # (batch_group_count) runs ~300x slower on XLA CPU (67 s vs 0.2 s per tiny training step).
+      y = jnp.stack([conv(x[..., e, :, :].reshape((-1,) + x.shape[-2:]), kernel[e]).reshape(
+          x.shape[:-3] + (x.shape[-2], self.features)) for e in range(self.branches)], axis=-3)
     else:
       xb = x.reshape((-1,) + x.shape[-2:])
       y = conv(xb, kernel).reshape(x.shape[:-1] + (self.features,))
