@@ -103,6 +103,17 @@ def test_processes_split_each_epoch(data_dir):
   assert seen[0] | seen[1] == {f'clip_{i:02d}' for i in range(NUM)}
 
 
+def test_global_batches_do_not_depend_on_the_process_count(data_dir):
+  """Process p holds the p-th contiguous chunk of each global batch: two processes' batches, stacked,
+  are the one-process batches (so multi-host training sees the same global batch, in the same order)."""
+  single = list(loader.make_dataset(data_dir, 'train', SPEC, 4, seed=0, num_epochs=1))
+  parts = [list(loader.make_dataset(data_dir, 'train', SPEC, 4, seed=0, num_epochs=1, process_index=p,
+                                    process_count=2)) for p in (0, 1)]
+  assert len(single) == len(parts[0]) == len(parts[1]) == NUM // 4
+  for k, batch in enumerate(single):
+    assert list(batch['id']) == list(parts[0][k]['id']) + list(parts[1][k]['id'])
+
+
 def test_bad_arguments(data_dir):
   with pytest.raises(ValueError, match='global_batch 3 must be a positive multiple of the process count 2'):
     loader.make_dataset(data_dir, 'train', SPEC, 3, 0, process_index=0, process_count=2)

@@ -2,7 +2,7 @@
 
 `make_dataset` follows MaxText's order: shuffle the whole split with one seed on every host, repeat,
 then take this process's slice, so the hosts together see each example once per epoch and the
-stream is a pure function of (seed, step). Iterator state (`it.get_state()`) is a small JSON-able
+stream is a pure function of (seed, step); each global batch is the same whatever the process count. Iterator state (`it.get_state()`) is a small JSON-able
 dict; `it.set_state(state)` on a fresh iterator continues with exactly the batches the uninterrupted
 run would have produced. `to_global_arrays` assembles the per-process batches into global
 `jax.Array`s for a multi-host mesh.
@@ -93,15 +93,20 @@ def make_dataset(directory: str | os.PathLike, split: str, spec: ShardSpec | Non
     raise ValueError(f'{os.fspath(directory)} holds examples of {stored}, not the requested {spec}')
   source = ShardDataSource(shard_paths(directory, split), skip_corrupt=skip_corrupt)
   per_process = global_batch // process_count
-  if num_epochs is not None and len(source) * num_epochs // process_count < per_process:
+  if num_epochs is not None and len(source) * num_epochs < global_batch:
     raise ValueError(f'split {split!r} has {len(source)} examples: {num_epochs} epoch(s) give no batch of '
-                     f'{per_process} per process')
+                     f'{global_batch} ({per_process} per process)')
   ds = grain.MapDataset.source(source)
   if shuffle:
     ds = ds.shuffle(seed)
-  ds = ds.repeat(num_epochs)[process_index::process_count]
-  ds = ds.map(functools.partial(decode_example, stored))
-  ds = ds.batch(per_process, drop_remainder=True).to_iter_dataset()
+  # Lazy: only this process's examples are ever read and decoded. Process p takes every P-th
+  # per-process batch, so global batch k is stream examples [k B, (k + 1) B) with process p holding
+  # the p-th contiguous chunk: the same global batch, in the same order, for any process count.
+  ds = ds.repeat(num_epochs).map(functools.partial(decode_example, stored))
+  ds = ds.batch(per_process, drop_remainder=True)
+  if num_epochs is not None:  # whole global batches only, so every process gets as many
+    ds = ds[:len(ds) // process_count * process_count]
+  ds = ds[process_index::process_count].to_iter_dataset()
   if worker_count > 0:
     if not flags.FLAGS.is_parsed():
       # mp_prefetch reads an absl flag of Grain's, which raises when flags are unparsed, i.e. outside

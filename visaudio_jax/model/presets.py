@@ -118,4 +118,36 @@ def experiment_config(preset: str, arg: str | None = None) -> ml_collections.Con
                                                    clip_ckpt='', sync_ckpt='', pe_ckpt=''))
   config.mesh = ml_collections.ConfigDict(dict(shape=(-1, 1, 1), axes=('data', 'fsdp', 'tensor')))
   config.logical_axis_rules = [list(r) for r in LOGICAL_AXIS_RULES]
+  _training_blocks(config, preset)
   return config
+
+
+def _training_blocks(config: ml_collections.ConfigDict, preset: str) -> None:
+  """train.py's blocks: MMAudio's recipe (spec mmaudio.md §5) for the MMAudio sizes, a CPU demo for tiny."""
+  from visaudio_jax.train import optim  # the optimiser module owns its defaults
+
+  tiny = preset == 'tiny'
+  # Pre-extracted feature shards (data_prep/extract_features.py); `synthetic` builds BiAudio-mini
+  # there first when the directory holds no shards (the tiny demo's data).
+  config.data = ml_collections.ConfigDict(dict(
+      dir='data/biaudio_mini/shards' if tiny else '', train_split='train', eval_split='valid',
+      worker_count=0, skip_corrupt=False,
+      synthetic=ml_collections.ConfigDict(dict(enabled=tiny, clips_dir='data/biaudio_mini/clips',
+                                               num_clips=600, seed=0))))
+  config.train = ml_collections.ConfigDict(dict(
+      global_batch_size=16 if tiny else 512, num_steps=1500 if tiny else 300_000, grad_accum_steps=1,
+      seed=14159265,  # MMAudio's
+      init_from='',  # '' | MMAudio .pth/.safetensors (made binaural) | a previous run's workdir
+      log_every=50 if tiny else 100,
+      log_batch_ids=False,  # also record each step's clip ids in <workdir>/train_log.jsonl
+      compilation_cache_dir=''))  # persistent XLA cache (e.g. ~/.cache/visaudio_jax/xla): faster restarts
+  config.optim = optim.default_optim_config()
+  config.ema = optim.default_ema_config()
+  if tiny:
+    config.optim.update(lr=1e-3, warmup_steps=100, decay_steps=[1000], decay_factor=0.3)
+  config.checkpoint = ml_collections.ConfigDict(dict(
+      every=500 if tiny else 10_000, keep=3, keep_period=0 if tiny else 50_000, async_save=True))
+  # Periodic evaluation: validation loss on a fixed set, and sampling clips to wav + spatial metrics.
+  config.eval = ml_collections.ConfigDict(dict(
+      every=500 if tiny else 5000, loss_batches=4, sample_every=1500 if tiny else 20_000, num_samples=8,
+      ema='sigma_rel_0p05', final_split='test', final_num_samples=64 if tiny else 0))

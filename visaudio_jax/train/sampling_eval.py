@@ -1,0 +1,158 @@
+"""Sampling during and after training: held-out clips -> binaural wav through the config's codec ->
+spatial metrics against their references (`eval/evaluate.py`), logged to TensorBoard.
+
+`final` is the CPU demo's acceptance check: on held-out clips whose true source is clearly on one side,
+the share whose generated broadband ILD points to that side, printed beside the untrained model, the
+mono-duplicate baseline and the reference itself.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from visaudio_jax.audio import codec as codec_lib
+from visaudio_jax.audio.wav import write_wav
+from visaudio_jax.data import loader
+from visaudio_jax.eval import evaluate as evaluate_lib
+from visaudio_jax.eval import spatial
+from visaudio_jax.model import flow_matching as fm
+
+FEATURES = ('clip_f', 'sync_f', 'text_f', 'pe_f')
+# A clip counts as clearly lateral when every azimuth point is at least this far off the median plane.
+LATERAL_DEG = 30.0
+
+
+@functools.lru_cache(maxsize=4)
+def _sampler(model, flow):
+  return fm.make_sampler(model, flow)
+
+
+@functools.lru_cache(maxsize=4)
+def _codec(preset: str, vae_ckpt: str, vocoder_ckpt: str):
+  import ml_collections
+  return codec_lib.load_codec(ml_collections.ConfigDict(dict(preset=preset, vae_ckpt=vae_ckpt,
+                                                             vocoder_ckpt=vocoder_ckpt)))
+
+
+def held_out(config, split: str, count: int) -> dict[str, np.ndarray]:
+  """The first `count` clips of a split with audio (unshuffled, so every evaluation sees the same)."""
+  directory = os.path.join(config.data.dir, split)
+  it = iter(loader.make_dataset(directory, split, None, 1, 0, shuffle=False, num_epochs=1))
+  clips = [b for _, b in zip(range(count), it)]
+  if not clips:
+    raise ValueError(f'{directory}: no clips to evaluate')
+  if 'audio' not in clips[0]:
+    raise ValueError(f'{directory}: split {split!r} stores no audio; extract it with --with_audio to evaluate')
+  return {k: np.concatenate([c[k] for c in clips]) for k in clips[0]}
+
+
+def eval_params(state, name: str):
+  """The EMA called `name` ('' = the raw params)."""
+  if not name:
+    return state.params
+  if name not in state.ema:
+    raise ValueError(f'eval.ema={name!r}: the state has EMAs {sorted(state.ema)}')
+  return state.ema[name]
+
+
+def generate_waves(program, params, clips: dict, seed: int, batch: int = 16) -> np.ndarray | None:
+  """(K, 2, L) waveforms for the clips' features (None when the codec has no weights)."""
+  config = program.config
+  codec_cfg, codec_params = _codec(config.codec.preset, config.codec.vae_ckpt, config.codec.vocoder_ckpt)
+  if codec_params is None and codec_cfg.kind == 'vae':
+    return None
+  sampler = _sampler(program.model, fm.FlowMatchingConfig(**config.flow.to_dict()))
+  decode = jax.jit(functools.partial(codec_lib.decode_binaural, codec_cfg))
+  params = jax.device_get(params)  # sampling runs replicated on the default device
+  waves = []
+  for start in range(0, len(clips['id']), batch):
+    feats = {k: jnp.asarray(clips[k][start:start + batch]) for k in FEATURES if k in clips}
+    shape = clips['latent_mean'][start:start + batch].shape
+    x0 = jax.random.normal(jax.random.fold_in(jax.random.key(seed), start), shape)
+    latents = sampler({'params': params}, feats, x0)
+    waves.append(np.asarray(decode(codec_params, latents)))
+  return np.concatenate(waves)[..., :clips['audio'].shape[-1]]
+
+
+def write_waves(directory: str, ids, waves: np.ndarray, sample_rate: int) -> None:
+  os.makedirs(directory, exist_ok=True)
+  for clip_id, wave in zip(ids, waves):
+    write_wav(os.path.join(directory, f'{clip_id}.wav'), wave, sample_rate)
+
+
+def periodic(program, state, step: int, workdir: str, writer) -> dict[str, float]:
+  """Samples `eval.num_samples` validation clips with the eval EMA, writes them under
+  <workdir>/samples/<step>/ and to TensorBoard, and returns their spatial metrics (generated only)."""
+  config = program.config
+  clips = held_out(config, config.data.eval_split, int(config.eval.num_samples))
+  waves = generate_waves(program, eval_params(state, config.eval.ema), clips, seed=step)
+  if waves is None:
+    return {}
+  sr = int(clips['sample_rate'][0])
+  if jax.process_index() == 0:
+    write_waves(os.path.join(workdir, 'samples', f'{step:08d}'), clips['id'], waves, sr)
+    writer.write_audios(step, {f'sample_{i}': np.moveaxis(w, 0, -1)[None] for i, w in enumerate(waves[:4])},
+                        sample_rate=sr)
+  result = evaluate_lib.evaluate_arrays(waves, clips['audio'], sr, clips['id'], clips.get('source_azimuth_deg'),
+                                        baselines=False)
+  return {f'sample_{k}': v['generated'] for k, v in result['metrics'].items() if v['generated'] is not None}
+
+
+def clip_ild_db(waves: np.ndarray, cfg: spatial.SpatialConfig = spatial.SPATIAL_16K) -> np.ndarray:
+  """(K, 2, L) -> (K,) broadband ILD in dB, mean over the clip's active frames (0 when silent)."""
+  feats = jax.jit(functools.partial(spatial.frame_features, cfg))(jnp.asarray(waves))
+  active = np.asarray(feats['active'], np.float64)
+  ild = np.asarray(feats['ild'], np.float64)
+  return np.where(active.sum(-1) > 0, (ild * active).sum(-1) / np.maximum(active.sum(-1), 1), 0.0)
+
+
+def side_agreement(ild_db: np.ndarray, side: np.ndarray) -> float | None:
+  """Share of clips whose ILD sign is the true side (+1 left, -1 right); an ILD of exactly 0 (no
+  lateral cue at all, e.g. a mono duplicate) counts as a coin flip, 1/2. None without clips."""
+  if not len(side):
+    return None
+  return float(np.mean(np.where(ild_db == 0, 0.5, np.sign(ild_db) == side)))
+
+
+def final(program, state, workdir: str) -> dict:
+  """The demo's acceptance numbers on `eval.final_split`: ILD side agreement on clearly lateral clips
+  for the trained model (eval EMA), the untrained model, the mono duplicate and the reference."""
+  from visaudio_jax.train import state as state_lib
+
+  config = program.config
+  clips = held_out(config, config.eval.final_split, int(config.eval.final_num_samples))
+  if 'source_azimuth_deg' not in clips:
+    return {'note': f'split {config.eval.final_split!r} stores no source azimuths: no side agreement'}
+  sin_az = np.sin(np.deg2rad(clips['source_azimuth_deg']))  # (K, T)
+  lateral = np.all(np.abs(sin_az) >= np.sin(np.deg2rad(LATERAL_DEG)), -1) & np.all(
+      np.sign(sin_az) == np.sign(sin_az[:, :1]), -1)
+  side = np.sign(sin_az[:, 0])
+  sr = int(clips['sample_rate'][0])
+  trained = generate_waves(program, eval_params(state, config.eval.ema), clips, seed=1)
+  if trained is None:
+    return {'note': 'the codec has no weights: no waveforms to score'}
+  fresh = state_lib.create_state(program.cfg, config, program.tx, program.shardings, program.mesh)
+  untrained = generate_waves(program, fresh.params, clips, seed=1)
+  reference = clips['audio']
+  mono = np.repeat(reference.mean(1, keepdims=True), 2, axis=1)
+  systems = {'trained': trained, 'untrained': untrained, 'mono_duplicate': mono, 'reference': reference}
+  table = {name: side_agreement(clip_ild_db(w[lateral]), side[lateral]) for name, w in systems.items()}
+  out_dir = os.path.join(workdir, 'final_eval')
+  if jax.process_index() == 0:
+    write_waves(os.path.join(out_dir, 'generated'), clips['id'], trained, sr)
+  metrics = evaluate_lib.evaluate_arrays(trained, reference, sr, clips['id'], clips['source_azimuth_deg'])
+  if jax.process_index() == 0:
+    evaluate_lib.write_outputs(metrics, out_dir)
+  summary = {'split': config.eval.final_split, 'clips': int(len(side)), 'lateral_clips': int(lateral.sum()),
+             'ild_side_agreement': table,
+             'direction_ild': metrics['metrics'].get('direction_ild', {}),
+             'ild_mae': metrics['metrics'].get('ild_mae', {})}
+  if jax.process_index() == 0:
+    with open(os.path.join(out_dir, 'side_agreement.json'), 'w') as f:
+      json.dump(summary, f, indent=1)
+  return summary
