@@ -135,7 +135,7 @@ def _training_blocks(config: ml_collections.ConfigDict, preset: str) -> None:
       synthetic=ml_collections.ConfigDict(dict(enabled=tiny, clips_dir='data/biaudio_mini/clips',
                                                num_clips=600, seed=0))))
   config.train = ml_collections.ConfigDict(dict(
-      global_batch_size=16 if tiny else 512, num_steps=1500 if tiny else 300_000, grad_accum_steps=1,
+      global_batch_size=16 if tiny else 512, num_steps=600 if tiny else 300_000, grad_accum_steps=1,
       seed=14159265,  # MMAudio's
       init_from='',  # '' | MMAudio .pth/.safetensors (made binaural) | a previous run's workdir
       log_every=50 if tiny else 100,
@@ -144,10 +144,11 @@ def _training_blocks(config: ml_collections.ConfigDict, preset: str) -> None:
   config.optim = optim.default_optim_config()
   config.ema = optim.default_ema_config()
   if tiny:
-    config.optim.update(lr=1e-3, warmup_steps=100, decay_steps=[1000], decay_factor=0.3)
+    config.optim.update(lr=1e-3, warmup_steps=100, decay_steps=[350], decay_factor=0.3)
   config.checkpoint = ml_collections.ConfigDict(dict(
-      every=500 if tiny else 10_000, keep=3, keep_period=0 if tiny else 50_000, async_save=True))
-  # Periodic evaluation: validation loss on a fixed set, and sampling clips to wav + spatial metrics.
+      every=200 if tiny else 10_000, keep=3, keep_period=0 if tiny else 50_000, async_save=True))
+  # Periodic evaluation (0 = off): validation loss on fixed batches, and sampling clips to wav + spatial
+  # metrics; then the final held-out check (final_num_samples clips of final_split).
   config.eval = ml_collections.ConfigDict(dict(
-      every=500 if tiny else 5000, loss_batches=4, sample_every=1500 if tiny else 20_000, num_samples=8,
+      every=200 if tiny else 5000, loss_batches=4, sample_every=0 if tiny else 20_000, num_samples=8,
       ema='sigma_rel_0p05', final_split='test', final_num_samples=64 if tiny else 0))

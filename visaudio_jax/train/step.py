@@ -75,8 +75,8 @@ def train_step(state: TrainState, batch: Batch, *, model: FlowNetwork, flow: fm.
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   ema = optim.ema_update(state.ema, params, state.step, ema_config)
-  metrics = dict(stats, grad_norm=optax.global_norm(grads), param_norm=optax.global_norm(params),
-                 update_norm=optax.global_norm(updates), learning_rate=schedule(state.step))
+  metrics = dict(stats, grad_norm=optax.tree.norm(grads), param_norm=optax.tree.norm(params),
+                 update_norm=optax.tree.norm(updates), learning_rate=schedule(state.step))
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema=ema), metrics
 
 

@@ -257,11 +257,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         writer.write_scalars(step, scalars)
         bar.set_postfix(loss=f'{scalars["loss"]:.4f}', lr=f'{scalars["learning_rate"]:.2e}')
         history, window_start = [], time.perf_counter()
-      if step % int(config.eval.every) == 0 or step == num_steps:
+      if config.eval.every and (step % int(config.eval.every) == 0 or step == num_steps):
         val_batches = val_batches or eval_batches(config, int(config.train.global_batch_size),
                                                   int(config.eval.loss_batches))
         writer.write_scalars(step, validation_loss(program, state.params, val_batches))
-      if step % int(config.eval.sample_every) == 0 and step < num_steps:
+      if config.eval.sample_every and step % int(config.eval.sample_every) == 0 and step < num_steps:
         writer.write_scalars(step, sampling_eval.periodic(program, state, step, workdir, writer))
       preempted = watch.requested(manager, step)
       checkpoint.save(manager, step, state, data_iter, config, force=preempted or step == num_steps)
