@@ -409,12 +409,12 @@ def main(argv: Sequence[str] | None = None) -> None:
   total = sum(sizes.values())
   print(f'wrote {total} clips ({sizes}) to {args.out} in {seconds:.1f} s ({total / seconds:.2f} clips/s)')
   if args.shards:  # the same feature extraction as real data, so the demo runs the real pipeline
-    from data_prep.extract_features import build
+    from visaudio_jax.data.extraction import extract_split
     from visaudio_jax.model import presets
 
     experiment = presets.experiment_config(args.preset)
     for split in sizes:
-      summary = build(experiment, pathlib.Path(args.out) / split / 'manifest.jsonl',
+      summary = extract_split(experiment, pathlib.Path(args.out) / split / 'manifest.jsonl',
                       pathlib.Path(args.shards) / split, split)
       print(f"{split}: {summary['examples']} examples in {len(summary['shards'])} shards, "
             f"{len(summary['skipped'])} skipped, {summary['seconds']} s")

@@ -1,5 +1,5 @@
 """Feature extraction into shards, end to end on the embedded default: BiAudio-mini clips (written
-here) plus deliberately bad clips -> `data_prep/extract_features.py:build` with the tiny config's
+here) plus deliberately bad clips -> `visaudio_jax.data.extraction.extract_split` with the tiny config's
 seeded encoders and mel codec -> TFRecord shards -> the Grain loader."""
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import soundfile
 
-from data_prep import extract_features, synthetic
+from data_prep import synthetic
 from visaudio_jax.audio import codec as codec_lib
 from visaudio_jax.data import extraction, loader
 from visaudio_jax.model import presets
@@ -39,7 +39,7 @@ def dataset(tmp_path_factory):
 def test_build_shards_skips_bad_clips_and_loads_back(dataset, tmp_path):
   config = presets.experiment_config('tiny')
   out = tmp_path / 'shards'
-  summary = extract_features.build(config, dataset / 'all.jsonl', out, 'valid', examples_per_shard=3, batch=2)
+  summary = extraction.extract_split(config, dataset / 'all.jsonl', out, 'valid', examples_per_shard=3, batch=2)
   assert summary['examples'] == 4 and len(summary['shards']) == 2
   assert summary['skipped'] == {'mono': 'mono audio (binaural needs 2 channels)',
                                 'short': 'audio too short (1.00 s < 2.0 s)', 'no_video': 'no video stream'}
@@ -71,14 +71,14 @@ def test_build_shards_skips_bad_clips_and_loads_back(dataset, tmp_path):
 def test_rerun_recomputes_nothing_and_changes_nothing(dataset, tmp_path, monkeypatch):
   config = presets.experiment_config('tiny')
   out = tmp_path / 'shards'
-  extract_features.build(config, dataset / 'manifest.jsonl', out, 'train', examples_per_shard=2, batch=2)
+  extraction.extract_split(config, dataset / 'manifest.jsonl', out, 'train', examples_per_shard=2, batch=2)
   before = {p.name: p.read_bytes() for p in out.iterdir()}
   (out / 'train-00001-of-00002.tfrecord').unlink()  # as if killed while writing the last shard
   calls = []
   real = extraction.Extractor.__call__
   monkeypatch.setattr(extraction.Extractor, '__call__', lambda self, clips, spec: calls.append(
       [c.id for c in clips]) or real(self, clips, spec))
-  extract_features.build(config, dataset / 'manifest.jsonl', out, 'train', examples_per_shard=2, batch=2)
+  extraction.extract_split(config, dataset / 'manifest.jsonl', out, 'train', examples_per_shard=2, batch=2)
   assert calls == [['valid_000002', 'valid_000003']]
   after = {p.name: p.read_bytes() for p in out.iterdir()}
   assert {k: v for k, v in after.items() if not k.endswith('skipped.json')} == \

@@ -8,10 +8,12 @@ interruption recomputes only the shards that are missing.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import os
 import pathlib
+import time
 from typing import Any, Iterable
 
 import jax
@@ -20,11 +22,14 @@ import ml_collections
 import numpy as np
 import soundfile
 from absl import logging
+from tqdm import tqdm
 
 from visaudio_jax import encoders
 from visaudio_jax.audio import codec as codec_lib
 from visaudio_jax.audio.wav import read_wav
+from visaudio_jax.data import shards
 from visaudio_jax.data.schema import ShardSpec
+from visaudio_jax.data.tfrecord import write_atomic
 from visaudio_jax.model.config import NetworkConfig, network_config
 
 
@@ -159,3 +164,37 @@ def usable_clips(clips: Iterable[ClipSource], duration_s: float) -> tuple[list[C
       skipped[clip.id] = reason
       logging.warning('skipping %s: %s', clip.id, reason)
   return usable, skipped
+
+
+def extract_split(config, manifest: str, out_dir: str, split: str, *, with_audio: bool | None = None,
+          examples_per_shard: int = 256, batch: int = 8, storage_dtype: str = 'float32') -> dict:
+  """Probe, extract and shard one split; returns a summary (also written next to the shards)."""
+  start = time.perf_counter()
+  extractor = Extractor(config)
+  clips = read_manifest(manifest)
+  usable, skipped = usable_clips(clips, extractor.net.duration_s)
+  if not usable:
+    raise ValueError(f'{manifest}: no usable clips ({len(skipped)} skipped: {collections.Counter(skipped.values())})')
+  with_metadata = all(c.metadata for c in usable)
+  spec = ShardSpec.from_network(extractor.net, with_audio=split != 'train' if with_audio is None else with_audio,
+                                with_metadata=with_metadata, camera_yaw=with_metadata, storage_dtype=storage_dtype)
+  cache: dict[int, dict] = {}
+  progress = tqdm(total=len(usable), desc=f'extract {split}', unit='clip')
+
+  def example(i: int) -> dict:
+    if i not in cache:  # compute the whole batch holding i (write_split asks in index order)
+      cache.clear()
+      first = i - i % batch
+      for j, ex in enumerate(extractor(usable[first:first + batch], spec), first):
+        cache[j] = ex
+      progress.update(len(cache))
+    return cache[i]
+
+  paths = shards.write_split(out_dir, split, spec, example, len(usable), examples_per_shard)
+  progress.close()
+  summary = {'split': split, 'manifest': str(manifest), 'clips': len(clips), 'examples': len(usable),
+             'shards': [p.name for p in paths], 'skipped': skipped,
+             'skipped_by_reason': collections.Counter(r.split(' (')[0] for r in skipped.values()),
+             'spec': json.loads(spec.to_json()), 'seconds': round(time.perf_counter() - start, 1)}
+  write_atomic(pathlib.Path(out_dir) / f'{split}.skipped.json', json.dumps(summary, indent=1).encode())
+  return summary
