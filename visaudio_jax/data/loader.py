@@ -4,8 +4,8 @@
 then take this process's slice, so the hosts together see each example once per epoch and the
 stream is a pure function of (seed, step); each global batch is the same whatever the process count.
 Iterator state (`it.get_state()`) is a small JSON-able dict; `it.set_state(state)` on a fresh
-iterator continues with exactly the batches the uninterrupted run would have produced. `to_global_arrays` assembles the per-process batches into global
-`jax.Array`s for a multi-host mesh.
+iterator continues with exactly the batches the uninterrupted run would have produced.
+`to_global_arrays` assembles the per-process batches into global `jax.Array`s for a multi-host mesh.
 """
 from __future__ import annotations
 
