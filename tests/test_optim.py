@@ -64,23 +64,6 @@ def test_schedule_mmaudio_values_decay_after_the_warmup():
   np.testing.assert_allclose(np.asarray(got), list(expect.values()), rtol=1e-6)
 
 
-def test_schedule_matches_real_torch():
-  torch = pytest.importorskip('torch')
-  for warmup, milestones in [(5, [3, 7]), (0, [2])]:
-    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=2e-3)
-    first = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: (s + 1) / (warmup + 1))
-    second = torch.optim.lr_scheduler.MultiStepLR(opt, milestones, 0.3)
-    seq = torch.optim.lr_scheduler.SequentialLR(opt, [first, second], [warmup])
-    ref = []
-    for _ in range(16):
-      ref.append(opt.param_groups[0]['lr'])
-      opt.step()
-      seq.step()
-    cfg = _optim_cfg(lr=2e-3, warmup_steps=warmup, decay_steps=milestones, decay_factor=0.3)
-    got = jax.vmap(optim.learning_rate_schedule(cfg))(jnp.arange(16))
-    np.testing.assert_allclose(np.asarray(got), ref, rtol=1e-6)
-
-
 # --------------------------------------------------------------------------------------------------
 # Weight-decay mask.
 
