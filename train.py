@@ -21,8 +21,14 @@ _COORDINATOR = flags.DEFINE_string('coordinator_address', None, 'host:port of pr
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Number of processes (multi-process by hand).')
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process (multi-process by hand).')
 
-# Cluster environments where jax.distributed.initialize() finds its peers by itself.
-_CLUSTER_ENV = ('SLURM_NTASKS', 'OMPI_COMM_WORLD_SIZE', 'TPU_WORKER_HOSTNAMES', 'MEGASCALE_COORDINATOR_ADDRESS')
+
+
+def _multi_process_cluster() -> bool:
+  """A cluster environment with several processes, where jax.distributed.initialize() finds its peers
+  by itself (SLURM, Open MPI, multi-host TPU slices)."""
+  env = os.environ
+  return (int(env.get('SLURM_NTASKS', '1') or 1) > 1 or int(env.get('OMPI_COMM_WORLD_SIZE', '1') or 1) > 1
+          or ',' in env.get('TPU_WORKER_HOSTNAMES', '') or bool(env.get('MEGASCALE_COORDINATOR_ADDRESS')))
 
 
 def _init_distributed():
@@ -30,7 +36,7 @@ def _init_distributed():
   if _NUM_PROCESSES.value and _NUM_PROCESSES.value > 1:
     jax.config.update('jax_cpu_collectives_implementation', 'gloo')  # CPU backend only: real collectives
     jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-  elif any(os.environ.get(k, '1') not in ('', '1') for k in _CLUSTER_ENV):
+  elif _multi_process_cluster():
     jax.distributed.initialize()
 
 

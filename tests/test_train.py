@@ -198,7 +198,8 @@ def _train_cmd(workdir, shard_dir, steps, extra=()):
 
 
 def _env(devices=1):
-  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=str(ROOT),
+  env = {k: v for k, v in os.environ.items() if not k.startswith(('TPU_', 'SLURM_', 'OMPI_', 'MEGASCALE_'))}
+  env.update(JAX_PLATFORMS='cpu', PYTHONPATH=str(ROOT),
              XLA_FLAGS=f'--xla_force_host_platform_device_count={devices} --xla_backend_optimization_level=0')
   return env
 
