@@ -72,3 +72,13 @@ def test_bad_topology_names():
   with pytest.raises(ValueError, match='3 dimensions'):
     aot.parse_topology('v5p:4x4')
   assert aot.parse_topology('v5e:16x16')[1] == (16, 16)
+
+
+def test_state_that_does_not_split_over_fsdp_is_a_clear_error():
+  """configs/large.py's FSDP over all chips stops at 128 chips: 896 channels do not split 256 ways."""
+  mesh = sharding.make_mesh((1, 4, 1), devices=jax.devices()[:4])
+  target = {'w': jax.ShapeDtypeStruct((2, 6), jax.numpy.float32,
+                                      sharding=jax.sharding.NamedSharding(mesh, jax.P(None, 'fsdp')))}
+  with pytest.raises(ValueError, match=r"\['w'\] \(2, 6\) over \('fsdp',\).*mesh.shape=\"\(2,2,1\)\""):
+    aot.check_state_splits(target, mesh, 'here')
+  aot.check_state_splits(target, sharding.make_mesh((2, 2, 1), devices=jax.devices()[:4]), 'here')

@@ -117,6 +117,32 @@ def _shard_bytes(tree) -> int:
   return total
 
 
+def check_state_splits(target, mesh: jax.sharding.Mesh, where: str) -> None:
+  """Every sharded state dimension must divide by its mesh axes (else jit fails deep inside with an
+  IndivisibleError naming no parameter). Suggests the largest 'fsdp' size that works."""
+  bad, fsdp_dims = [], []
+  for path, leaf in jax.tree_util.tree_flatten_with_path(target)[0]:
+    for dim, axes in zip(leaf.shape, leaf.sharding.spec):
+      if axes is None:
+        continue
+      axes = axes if isinstance(axes, tuple) else (axes,)
+      if 'fsdp' in axes:
+        fsdp_dims.append(dim // math.prod(mesh.shape[a] for a in axes if a != 'fsdp'))
+      if dim % math.prod(mesh.shape[a] for a in axes):
+        bad.append(f'{jax.tree_util.keystr(path)} {leaf.shape} over {axes}')
+  if not bad:
+    return
+  n = math.prod(mesh.shape.values())
+  hint = ''
+  if fsdp_dims:
+    fsdp = math.gcd(n // mesh.shape['tensor'], *fsdp_dims)
+    data = n // (fsdp * mesh.shape['tensor'])
+    hint = (f'; e.g. --config.mesh.shape="({data},{fsdp},{mesh.shape["tensor"]})" (data x fsdp x tensor, the '
+            f'largest fsdp that divides every sharded dimension)')
+  raise ValueError(f'{where}: {len(bad)} state arrays do not split evenly over mesh {dict(mesh.shape)}, e.g. '
+                   f'{"; ".join(bad[:3])}{hint}')
+
+
 def compile_for_topology(config: ml_collections.ConfigDict, topology: str, global_batch: int | None = None,
                          *, per_chip_batch: int | None = None, num_slices: int = 1) -> dict[str, Any]:
   """Lower and compile the sharded train step for `topology`; XLA's per-chip memory plan and FLOPs.
@@ -148,6 +174,7 @@ def compile_for_topology(config: ml_collections.ConfigDict, topology: str, globa
 
   program = trainer.build(config, mesh)
   target, abstract_batch = program.restore_target(), program.abstract_batch()
+  check_state_splits(target, mesh, f'{topology} ({len(devices)} chips)')
   start = time.perf_counter()
   with jax.set_mesh(program.mesh), nn.logical_axis_rules([tuple(r) for r in config.logical_axis_rules]):
     lowered = program.jitted_step.lower(target, abstract_batch)
