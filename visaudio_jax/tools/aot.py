@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import itertools
 import json
 import math
 import os
@@ -117,9 +118,10 @@ def _shard_bytes(tree) -> int:
   return total
 
 
-def check_state_splits(target, mesh: jax.sharding.Mesh, where: str) -> None:
+def check_state_splits(target, mesh: jax.sharding.Mesh, where: str, torus: tuple[int, ...] | None = None) -> None:
   """Every sharded state dimension must divide by its mesh axes (else jit fails deep inside with an
-  IndivisibleError naming no parameter). Suggests the largest 'fsdp' size that works."""
+  IndivisibleError naming no parameter). Suggests the largest 'fsdp' size that works; on a TPU
+  `torus` (its chip dimensions) one that is a product of some of them, as jax.make_mesh requires."""
   bad, fsdp_dims = [], []
   for path, leaf in jax.tree_util.tree_flatten_with_path(target)[0]:
     for dim, axes in zip(leaf.shape, leaf.sharding.spec):
@@ -136,9 +138,13 @@ def check_state_splits(target, mesh: jax.sharding.Mesh, where: str) -> None:
   hint = ''
   if fsdp_dims:
     fsdp = math.gcd(n // mesh.shape['tensor'], *fsdp_dims)
+    if torus and mesh.shape['tensor'] == 1:  # fsdp and data each a product of torus dimensions
+      subsets = itertools.chain.from_iterable(itertools.combinations(torus, k) for k in range(len(torus) + 1))
+      fsdp = max(p for p in map(math.prod, subsets) if fsdp % p == 0)
     data = n // (fsdp * mesh.shape['tensor'])
-    hint = (f'; e.g. --config.mesh.shape="({data},{fsdp},{mesh.shape["tensor"]})" (data x fsdp x tensor, the '
-            f'largest fsdp that divides every sharded dimension)')
+    rule = ' and is a product of torus dimensions' if torus else ''
+    hint = (f'; e.g. --config.mesh.shape="({data},{fsdp},{mesh.shape["tensor"]})" (data x fsdp x tensor: the '
+            f'largest fsdp that divides every sharded dimension{rule})')
   raise ValueError(f'{where}: {len(bad)} state arrays do not split evenly over mesh {dict(mesh.shape)}, e.g. '
                    f'{"; ".join(bad[:3])}{hint}')
 
@@ -159,7 +165,11 @@ def compile_for_topology(config: ml_collections.ConfigDict, topology: str, globa
     raise ValueError('give global_batch or per_chip_batch, not both')
   chip, dims = parse_topology(topology)
   devices = topology_devices(topology, num_slices)
-  mesh = sharding.make_mesh(config.mesh.shape, config.mesh.axes, devices=devices)
+  try:
+    mesh = sharding.make_mesh(config.mesh.shape, config.mesh.axes, devices=devices)
+  except (ValueError, NotImplementedError) as e:  # NotImplementedError: no layout on the torus
+    raise ValueError(f'{topology}: mesh {tuple(config.mesh.shape)} does not fit {len(devices)} chips laid out '
+                     f'{"x".join(map(str, dims))} (each mesh axis must be a product of torus dimensions): {e}') from e
   batch_chips = mesh.shape['data'] * mesh.shape['fsdp']
   config = config.copy_and_resolve_references()
   if per_chip_batch is not None:
@@ -174,7 +184,8 @@ def compile_for_topology(config: ml_collections.ConfigDict, topology: str, globa
 
   program = trainer.build(config, mesh)
   target, abstract_batch = program.restore_target(), program.abstract_batch()
-  check_state_splits(target, mesh, f'{topology} ({len(devices)} chips)')
+  check_state_splits(target, mesh, f'{topology} ({len(devices)} chips)',
+                     dims if num_slices == 1 else None)
   start = time.perf_counter()
   with jax.set_mesh(program.mesh), nn.logical_axis_rules([tuple(r) for r in config.logical_axis_rules]):
     lowered = program.jitted_step.lower(target, abstract_batch)
