@@ -51,9 +51,11 @@ def _ensure_synthetic_data(config):
   if jax.process_index() == 0:
     from data_prep import synthetic
     syn = config.data.synthetic
+    scene = synthetic.SyntheticConfig(**{k: tuple(v) if isinstance(v, (list, tuple)) else v
+                                         for k, v in syn.scene.items()})
     logging.info('building BiAudio-mini (%d clips) into %s', syn.num_clips, config.data.dir)
-    synthetic.main([f'--out={syn.clips_dir}', f'--num_clips={syn.num_clips}', f'--seed={syn.seed}',
-                    f'--shards={config.data.dir}', f'--preset={config.preset}'])
+    synthetic.build(syn.clips_dir, synthetic.split_sizes(syn.num_clips), scene, syn.seed,
+                    shards=config.data.dir, experiment=config)
   multihost_utils.sync_global_devices('synthetic data ready')
 
 

@@ -376,6 +376,34 @@ def build_split(out_dir: str | os.PathLike, split: str, num_clips: int, config: 
   return entries
 
 
+def build(out: str | os.PathLike, sizes: dict[str, int], config: SyntheticConfig, seed: int,
+          hrtf: binaural.HRTF | None = None, shards: str | os.PathLike | None = None,
+          experiment=None) -> None:
+  """Render every split of `sizes` under `out`; with `shards`, also extract them into feature
+  shards (<shards>/<split>/) with the seeded encoders and codec of `experiment` (a config), so the
+  demo runs the same pipeline as real data."""
+  start = time.perf_counter()
+  for split, count in sizes.items():
+    build_split(out, split, count, config, seed, hrtf)
+  seconds = time.perf_counter() - start
+  total = sum(sizes.values())
+  print(f'wrote {total} clips ({sizes}) to {out} in {seconds:.1f} s ({total / seconds:.2f} clips/s)')
+  if shards:
+    from visaudio_jax.data.extraction import extract_split
+
+    for split in sizes:
+      summary = extract_split(experiment, pathlib.Path(out) / split / 'manifest.jsonl',
+                              pathlib.Path(shards) / split, split)
+      print(f"{split}: {summary['examples']} examples in {len(summary['shards'])} shards, "
+            f"{len(summary['skipped'])} skipped, {summary['seconds']} s")
+
+
+def split_sizes(num_clips: int) -> dict[str, int]:
+  """A total split 80/10/10 into train/valid/test."""
+  held_out = max(1, num_clips // 10)
+  return {'train': num_clips - 2 * held_out, 'valid': held_out, 'test': held_out}
+
+
 def main(argv: Sequence[str] | None = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   parser.add_argument('--out', required=True, help='output folder; one subfolder per split')
@@ -397,27 +425,15 @@ def main(argv: Sequence[str] | None = None) -> None:
   args = parser.parse_args(argv)
   sizes = {'train': args.num_train, 'valid': args.num_valid, 'test': args.num_test}
   if args.num_clips is not None:
-    held_out = max(1, args.num_clips // 10)
-    sizes = {'train': args.num_clips - 2 * held_out, 'valid': held_out, 'test': held_out}
+    sizes = split_sizes(args.num_clips)
   config = SyntheticConfig(duration_s=(args.min_duration, args.max_duration), sample_rate=args.sample_rate,
                            fps=args.fps, size=args.size)
   hrtf = binaural.load_sofa(args.sofa).resampled(args.sample_rate) if args.sofa else None  # resample once
-  start = time.perf_counter()
-  for split, count in sizes.items():
-    build_split(args.out, split, count, config, args.seed, hrtf)
-  seconds = time.perf_counter() - start
-  total = sum(sizes.values())
-  print(f'wrote {total} clips ({sizes}) to {args.out} in {seconds:.1f} s ({total / seconds:.2f} clips/s)')
-  if args.shards:  # the same feature extraction as real data, so the demo runs the real pipeline
-    from visaudio_jax.data.extraction import extract_split
+  experiment = None
+  if args.shards:
     from visaudio_jax.model import presets
-
     experiment = presets.experiment_config(args.preset)
-    for split in sizes:
-      summary = extract_split(experiment, pathlib.Path(args.out) / split / 'manifest.jsonl',
-                      pathlib.Path(args.shards) / split, split)
-      print(f"{split}: {summary['examples']} examples in {len(summary['shards'])} shards, "
-            f"{len(summary['skipped'])} skipped, {summary['seconds']} s")
+  build(args.out, sizes, config, args.seed, hrtf, args.shards, experiment)
 
 
 if __name__ == '__main__':

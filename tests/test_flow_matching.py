@@ -46,6 +46,35 @@ def test_binaural_loss_is_the_sum_of_per_ear_mmaudio_losses():
   np.testing.assert_allclose(per_ear[0], jnp.mean((v[:, 0] - (x1[:, 0] - x0[:, 0])) ** 2, axis=(1, 2)), rtol=1e-6)
 
 
+def test_side_weight_adds_the_inter_ear_error_and_keeps_the_minimiser():
+  rng = np.random.default_rng(1)
+  v, x0, x1 = (jnp.asarray(rng.standard_normal((3, 2, 5, 4))) for _ in range(3))
+  err = np.asarray(v - (x1 - x0))
+  expected = (err**2).mean((2, 3)).sum(1) + 2.5 * ((err[:, 0] - err[:, 1]) ** 2).mean((1, 2))
+  np.testing.assert_allclose(fm.per_sample_loss(v, x0, x1, side_weight=2.5), expected, rtol=1e-6)
+  # The best single prediction for many (x0, x1) draws is still their mean target velocity: the
+  # weighted loss's gradient vanishes there, as the plain loss's does, and not elsewhere.
+  x0s, x1s = (jnp.asarray(rng.standard_normal((64, 2, 5, 4))) for _ in range(2))
+  mean_target = (x1s - x0s).mean(0, keepdims=True)
+  grad = jax.grad(lambda p, w: fm.per_sample_loss(jnp.broadcast_to(p, x0s.shape), x0s, x1s, side_weight=w).mean())
+  for weight in (0.0, 4.0):
+    np.testing.assert_allclose(grad(mean_target, weight), 0.0, atol=1e-6)
+    assert float(jnp.abs(grad(mean_target + 0.1, weight)).max()) > 1e-3
+
+
+def test_ear_noise_correlation_keeps_each_ear_standard_normal():
+  z = jax.random.normal(jax.random.key(0), (4000, 2, 8, 4))
+  x0 = np.asarray(fm.correlate_ears(z, 0.9))
+  left, right = x0[:, 0].ravel(), x0[:, 1].ravel()
+  np.testing.assert_allclose([left.mean(), right.mean()], 0.0, atol=0.01)
+  np.testing.assert_allclose([left.std(), right.std()], 1.0, atol=0.01)
+  np.testing.assert_allclose(np.corrcoef(left, right)[0, 1], 0.9, atol=0.005)
+  assert fm.correlate_ears(z, 0.0) is z
+  np.testing.assert_array_equal(fm.correlate_ears(z[:, :1], 0.9), z[:, :1])  # mono: unchanged
+  with pytest.raises(ValueError, match='ear_noise_correlation'):
+    fm.correlate_ears(z, 1.0)
+
+
 def test_heun_is_second_order_and_euler_first():
   """dx/dt = x from t=0 to 1: x1 = e x0. Halving the step divides Euler's error by 2, Heun's by 4."""
   x0 = jnp.ones((1,))

@@ -77,6 +77,7 @@ def run(config: ml_collections.ConfigDict, output_dir: str, mmaudio_ckpt: str | 
     codec_lib.check_matches_network(codec_cfg, cfg)
   flow = flow_config(config)
   feats, x0 = random_features(cfg, len(videos) if videos else config.sample.batch_size, config.seed)
+  x0 = fm.correlate_ears(x0, flow.ear_noise_correlation)
   if videos:
     captions = captions or [''] * len(videos)
     if len(captions) != len(videos):

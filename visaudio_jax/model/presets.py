@@ -106,7 +106,8 @@ def experiment_config(preset: str, arg: str | None = None) -> ml_collections.Con
   config.model = model
   config.flow = ml_collections.ConfigDict(dict(
       min_sigma=0.0, t_mean=0.0, t_scale=1.0, null_video_prob=0.1, null_text_prob=0.1,
-      cfg_strength=4.5, num_steps=25, method='euler'))
+      cfg_strength=4.5, num_steps=25, method='euler', side_loss_weight=0.0,
+      ear_noise_correlation=0.0))
   config.sample = ml_collections.ConfigDict(dict(batch_size=2, negative_prompt=''))
   # Waveform <-> latent codec (visaudio_jax/audio/codec.py); MMAudio presets need the official
   # VAE and vocoder weights to make sound, the tiny config's mel codec needs none.
@@ -132,8 +133,11 @@ def _training_blocks(config: ml_collections.ConfigDict, preset: str) -> None:
   config.data = ml_collections.ConfigDict(dict(
       dir='data/biaudio_mini/shards' if tiny else '', train_split='train', eval_split='valid',
       worker_count=0, skip_corrupt=False,
-      synthetic=ml_collections.ConfigDict(dict(enabled=tiny, clips_dir='data/biaudio_mini/clips',
-                                               num_clips=600, seed=0))))
+      synthetic=ml_collections.ConfigDict(dict(
+          enabled=tiny, clips_dir='data/biaudio_mini/clips', num_clips=600, seed=0,
+          scene=ml_collections.ConfigDict(dict(  # data_prep.synthetic.SyntheticConfig fields
+              num_objects=(1, 2), offscreen_prob=0.3, fov_deg=90.0, camera_turn_prob=0.5,
+              classes=('beeping', 'humming', 'hissing', 'drumming', 'whistling')))))))
   config.train = ml_collections.ConfigDict(dict(
       global_batch_size=16 if tiny else 512, num_steps=600 if tiny else 300_000, grad_accum_steps=1,
       seed=14159265,  # MMAudio's
@@ -151,4 +155,5 @@ def _training_blocks(config: ml_collections.ConfigDict, preset: str) -> None:
   # metrics; then the final held-out check (final_num_samples clips of final_split).
   config.eval = ml_collections.ConfigDict(dict(
       every=200 if tiny else 5000, loss_batches=4, sample_every=0 if tiny else 20_000, num_samples=8,
-      ema='sigma_rel_0p05', final_split='test', final_num_samples=64 if tiny else 0))
+      ema='sigma_rel_0p05', final_split='test', final_num_samples=64 if tiny else 0,
+      lateral_deg=30.0))

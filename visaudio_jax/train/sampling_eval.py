@@ -23,8 +23,6 @@ from visaudio_jax.eval import spatial
 from visaudio_jax.model import flow_matching as fm
 
 FEATURES = ('clip_f', 'sync_f', 'text_f', 'pe_f')
-# A clip counts as clearly lateral when every azimuth point is at least this far off the median plane.
-LATERAL_DEG = 30.0
 
 
 @functools.lru_cache(maxsize=4)
@@ -73,7 +71,8 @@ def generate_waves(program, params, clips: dict, seed: int, batch: int = 16) -> 
   for start in range(0, len(clips['id']), batch):
     feats = {k: jnp.asarray(clips[k][start:start + batch]) for k in FEATURES if k in clips}
     shape = clips['latent_mean'][start:start + batch].shape
-    x0 = jax.random.normal(jax.random.fold_in(jax.random.key(seed), start), shape)
+    x0 = fm.correlate_ears(jax.random.normal(jax.random.fold_in(jax.random.key(seed), start), shape),
+                           config.flow.ear_noise_correlation)
     latents = sampler({'params': params}, feats, x0)
     waves.append(np.asarray(decode(codec_params, latents)))
   return np.concatenate(waves)[..., :clips['audio'].shape[-1]]
@@ -121,6 +120,7 @@ def side_agreement(ild_db: np.ndarray, side: np.ndarray) -> float | None:
 
 def final(program, state, workdir: str) -> dict:
   """The demo's acceptance numbers on `eval.final_split`: ILD side agreement on clearly lateral clips
+  (every azimuth point at least `eval.lateral_deg` off the median plane, all on one side)
   for the trained model (eval EMA), the untrained model, the mono duplicate and the reference."""
   from visaudio_jax.train import state as state_lib
 
@@ -129,7 +129,7 @@ def final(program, state, workdir: str) -> dict:
   if 'source_azimuth_deg' not in clips:
     return {'note': f'split {config.eval.final_split!r} stores no source azimuths: no side agreement'}
   sin_az = np.sin(np.deg2rad(clips['source_azimuth_deg']))  # (K, T)
-  lateral = np.all(np.abs(sin_az) >= np.sin(np.deg2rad(LATERAL_DEG)), -1) & np.all(
+  lateral = np.all(np.abs(sin_az) >= np.sin(np.deg2rad(config.eval.lateral_deg)), -1) & np.all(
       np.sign(sin_az) == np.sign(sin_az[:, :1]), -1)
   side = np.sign(sin_az[:, 0])
   sr = int(clips['sample_rate'][0])
