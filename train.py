@@ -53,7 +53,7 @@ def _ensure_synthetic_data(config):
     syn = config.data.synthetic
     scene = synthetic.SyntheticConfig(**{k: tuple(v) if isinstance(v, (list, tuple)) else v
                                          for k, v in syn.scene.items()})
-    logging.info('building BiAudio-mini (%d clips) into %s', syn.num_clips, config.data.dir)
+    print(f'building BiAudio-mini ({syn.num_clips} clips) into {config.data.dir}')
     synthetic.build(syn.clips_dir, synthetic.split_sizes(syn.num_clips), scene, syn.seed,
                     shards=config.data.dir, experiment=config)
   multihost_utils.sync_global_devices('synthetic data ready')
@@ -61,6 +61,8 @@ def _ensure_synthetic_data(config):
 
 def main(argv):
   del argv
+  if not flags.FLAGS['verbosity'].present:  # absl.app starts at INFO; Orbax logs every save there
+    logging.set_verbosity(logging.WARNING)
   _init_distributed()
   from visaudio_jax.train import trainer
 
@@ -78,5 +80,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  flags.FLAGS.set_default('verbosity', -1)  # warnings and up (Orbax logs every save at INFO); --verbosity=0 for all
   app.run(main)
