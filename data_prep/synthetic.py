@@ -23,9 +23,12 @@ Every clip is a pure function of (seed, split, index): same seed, same wav and j
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import dataclasses
+import functools
 import json
 import math
+import multiprocessing
 import os
 import pathlib
 import time
@@ -364,13 +367,25 @@ def write_clip(clip: Clip, directory: str | os.PathLike, clip_id: str) -> dict:
   return {'id': clip_id, **names, 'caption': clip.metadata['caption'], 'duration_s': clip.metadata['duration_s']}
 
 
+def _render(config: SyntheticConfig, seed: int, split: str, index: int, hrtf: binaural.HRTF | None,
+            directory: pathlib.Path) -> dict:
+  return write_clip(make_clip(config, clip_rng(seed, split, index), hrtf), directory, f'{split}_{index:06d}')
+
+
 def build_split(out_dir: str | os.PathLike, split: str, num_clips: int, config: SyntheticConfig, seed: int,
-                hrtf: binaural.HRTF | None = None) -> list[dict]:
-  """Writes `num_clips` clips and `manifest.jsonl` under <out_dir>/<split>; returns the manifest entries."""
+                hrtf: binaural.HRTF | None = None, workers: int = 1) -> list[dict]:
+  """Writes `num_clips` clips and `manifest.jsonl` under <out_dir>/<split>; returns the manifest entries.
+  With `workers` > 1 clips render in that many spawned processes (each clip is a pure function of
+  (seed, split, index), so the files do not depend on it; spawned, as the caller may hold JAX's threads)."""
   directory = pathlib.Path(out_dir) / split
   directory.mkdir(parents=True, exist_ok=True)
-  entries = [write_clip(make_clip(config, clip_rng(seed, split, i), hrtf), directory, f'{split}_{i:06d}')
-             for i in range(num_clips)]
+  render = functools.partial(_render, config, seed, split, hrtf=hrtf, directory=directory)
+  if workers > 1 and num_clips > 1:
+    context = multiprocessing.get_context('spawn')
+    with concurrent.futures.ProcessPoolExecutor(min(workers, num_clips), mp_context=context) as pool:
+      entries = list(pool.map(render, range(num_clips), chunksize=8))
+  else:
+    entries = [render(i) for i in range(num_clips)]
   text = ''.join(json.dumps(e, sort_keys=True) + '\n' for e in entries)
   _atomic(directory / 'manifest.jsonl', lambda p: p.write_text(text))
   return entries
@@ -378,13 +393,13 @@ def build_split(out_dir: str | os.PathLike, split: str, num_clips: int, config: 
 
 def build(out: str | os.PathLike, sizes: dict[str, int], config: SyntheticConfig, seed: int,
           hrtf: binaural.HRTF | None = None, shards: str | os.PathLike | None = None,
-          experiment=None) -> None:
+          experiment=None, workers: int | None = None) -> None:
   """Render every split of `sizes` under `out`; with `shards`, also extract them into feature
   shards (<shards>/<split>/) with the seeded encoders and codec of `experiment` (a config), so the
   demo runs the same pipeline as real data."""
   start = time.perf_counter()
   for split, count in sizes.items():
-    build_split(out, split, count, config, seed, hrtf)
+    build_split(out, split, count, config, seed, hrtf, workers or os.cpu_count() or 1)
   seconds = time.perf_counter() - start
   total = sum(sizes.values())
   print(f'wrote {total} clips ({sizes}) to {out} in {seconds:.1f} s ({total / seconds:.2f} clips/s)')

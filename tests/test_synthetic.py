@@ -154,6 +154,15 @@ def built(tmp_path_factory):
   return out / 'test', entries
 
 
+def test_parallel_build_writes_the_same_clips(built, tmp_path):
+  directory, entries = built
+  parallel = synthetic.build_split(tmp_path, 'test', 3, SMALL, seed=0, workers=2)
+  assert parallel == entries
+  for entry in entries:
+    for kind in ('wav', 'metadata'):
+      assert (tmp_path / 'test' / entry[kind]).read_bytes() == (directory / entry[kind]).read_bytes()
+
+
 def test_clip_files_exist_and_decode(built):
   directory, entries = built
   manifest = [json.loads(line) for line in (directory / 'manifest.jsonl').read_text().splitlines()]

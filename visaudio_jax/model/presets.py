@@ -142,7 +142,7 @@ def _training_blocks(config: ml_collections.ConfigDict, preset: str) -> None:
               num_objects=(1, 1), offscreen_prob=0.0, fov_deg=120.0, camera_turn_prob=0.0,
               classes=('beeping', 'hissing', 'drumming', 'whistling')))))))
   config.train = ml_collections.ConfigDict(dict(
-      global_batch_size=16 if tiny else 512, num_steps=600 if tiny else 300_000, grad_accum_steps=1,
+      global_batch_size=16 if tiny else 512, num_steps=540 if tiny else 300_000, grad_accum_steps=1,
       seed=14159265,  # MMAudio's
       init_from='',  # '' | MMAudio .pth/.safetensors (made binaural) | a previous run's workdir
       log_every=50 if tiny else 100,
