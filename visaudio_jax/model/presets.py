@@ -162,5 +162,5 @@ def _training_blocks(config: ml_collections.ConfigDict, preset: str) -> None:
   # metrics; then the final held-out check (final_num_samples clips of final_split).
   config.eval = ml_collections.ConfigDict(dict(
       every=200 if tiny else 5000, loss_batches=4, sample_every=0 if tiny else 20_000, num_samples=8,
-      ema='sigma_rel_0p05', final_split='test', final_num_samples=64 if tiny else 0,
-      lateral_deg=20.0))
+      ema='sigma_rel_0p05', final_split='test', final_num_samples=70 if tiny else 0,
+      lateral_deg=20.0, final_lateral_only=tiny))

@@ -131,7 +131,9 @@ def lateral_sides(azimuth_deg: np.ndarray, lateral_deg: float) -> tuple[np.ndarr
 def final(program, state, workdir: str) -> dict:
   """The demo's acceptance numbers on `eval.final_split`: ILD side agreement on clearly lateral clips
   (every azimuth point at least `eval.lateral_deg` off the median plane, all on one side)
-  for the trained model (eval EMA), the untrained model, the mono duplicate and the reference."""
+  for the trained model (eval EMA), the untrained model, the mono duplicate and the reference; the
+  full `evaluate` report of the trained model in <workdir>/final_eval/ (on the lateral clips only
+  with `eval.final_lateral_only`)."""
   from visaudio_jax.train import state as state_lib
 
   config = program.config
@@ -139,6 +141,12 @@ def final(program, state, workdir: str) -> dict:
   if 'source_azimuth_deg' not in clips:
     return {'note': f'split {config.eval.final_split!r} stores no source azimuths: no side agreement'}
   lateral, side = lateral_sides(clips['source_azimuth_deg'], config.eval.lateral_deg)
+  num_clips = len(side)
+  if config.eval.final_lateral_only:  # sample (the slow part) and report only the clips scored here
+    clips, side, lateral = {k: v[lateral] for k, v in clips.items()}, side[lateral], lateral[lateral]
+    if not len(side):
+      return {'split': config.eval.final_split, 'clips': num_clips, 'lateral_clips': 0,
+              'note': f'no clip is {config.eval.lateral_deg} degrees to one side throughout'}
   sr = int(clips['sample_rate'][0])
   trained = generate_waves(program, eval_params(state, config.eval.ema), clips, seed=1)
   if trained is None:
@@ -157,7 +165,7 @@ def final(program, state, workdir: str) -> dict:
   metrics = evaluate_lib.evaluate_arrays(trained, reference, sr, clips['id'], clips['source_azimuth_deg'])
   if jax.process_index() == 0:
     evaluate_lib.write_outputs(metrics, out_dir)
-  summary = {'split': config.eval.final_split, 'clips': int(len(side)), 'lateral_clips': int(lateral.sum()),
+  summary = {'split': config.eval.final_split, 'clips': num_clips, 'lateral_clips': int(lateral.sum()),
              'ild_side_agreement': table,
              'direction_ild': metrics['metrics'].get('direction_ild', {}),
              'ild_mae': metrics['metrics'].get('ild_mae', {})}
