@@ -79,6 +79,11 @@ def correlate_ears(x0: Array, correlation: float) -> Array:
   return jnp.stack([a * z1 + b * z2, a * z1 - b * z2], axis=1).astype(x0.dtype)
 
 
+def initial_noise(key: Array, shape: tuple[int, ...], ear_correlation: float = 0.0) -> Array:
+  """x0 for training and sampling alike: standard normal, the ears correlated by `ear_correlation`."""
+  return correlate_ears(jax.random.normal(key, shape), ear_correlation)
+
+
 def sample_time(key: Array, batch: int, mean: float = 0.0, scale: float = 1.0) -> Array:
   return jax.nn.sigmoid(jax.random.normal(key, (batch,)) * scale + mean)
 
@@ -106,7 +111,7 @@ def training_loss(model: FlowNetwork, params, batch: dict[str, Array], key: Arra
   b = post_mean.shape[0]
   x1 = post_mean + batch['latent_std'].astype(jnp.float32) * jax.random.normal(k_post, post_mean.shape)
   x1 = model.apply(params, x1, method=FlowNetwork.normalize)
-  x0 = correlate_ears(jax.random.normal(k_noise, x1.shape), fm.ear_noise_correlation)
+  x0 = initial_noise(k_noise, x1.shape, fm.ear_noise_correlation)
   t = sample_time(k_t, b, fm.t_mean, fm.t_scale)
   drop_video, drop_text = null_condition_masks(k_drop, b, fm.null_video_prob, fm.null_text_prob,
                                                batch.get('video_exists'))

@@ -71,8 +71,7 @@ def generate_waves(program, params, clips: dict, seed: int, batch: int = 16) -> 
   for start in range(0, len(clips['id']), batch):
     feats = {k: jnp.asarray(clips[k][start:start + batch]) for k in FEATURES if k in clips}
     shape = clips['latent_mean'][start:start + batch].shape
-    x0 = fm.correlate_ears(jax.random.normal(jax.random.fold_in(jax.random.key(seed), start), shape),
-                           config.flow.ear_noise_correlation)
+    x0 = fm.initial_noise(jax.random.fold_in(jax.random.key(seed), start), shape, config.flow.ear_noise_correlation)
     latents = sampler({'params': params}, feats, x0)
     waves.append(np.asarray(decode(codec_params, latents)))
   return np.concatenate(waves)[..., :clips['audio'].shape[-1]]
