@@ -76,7 +76,9 @@ def main(argv):
     print(f"ILD side agreement on {final['lateral_clips']} clearly lateral held-out clips "
           f"({final['split']} split, {final['clips']} clips):")
     for name, value in final['ild_side_agreement'].items():
-      print(f'  {name:<16} ' + ('   -' if value is None else f'{100 * value:5.1f} %'))
+      samples = final['scored_samples'][name]
+      draws = f' ({samples // final["lateral_clips"]} noise draws per clip)' if samples > final['lateral_clips'] else ''
+      print(f'  {name:<16} ' + ('   -' if value is None else f'{100 * value:5.1f} %  of {samples}{draws}'))
 
 
 if __name__ == '__main__':

@@ -163,4 +163,4 @@ def _training_blocks(config: ml_collections.ConfigDict, preset: str) -> None:
   config.eval = ml_collections.ConfigDict(dict(
       every=200 if tiny else 5000, loss_batches=4, sample_every=0 if tiny else 20_000, num_samples=8,
       ema='sigma_rel_0p05', final_split='test', final_num_samples=70 if tiny else 0,
-      lateral_deg=20.0, final_lateral_only=tiny))
+      lateral_deg=20.0, final_lateral_only=tiny, untrained_draws=4))

@@ -58,8 +58,16 @@ def eval_params(state, name: str):
   return state.ema[name]
 
 
-def generate_waves(program, params, clips: dict, seed: int, batch: int = 16) -> np.ndarray | None:
-  """(K, 2, L) waveforms for the clips' features (None when the codec has no weights)."""
+def balanced_batch(count: int, max_batch: int = 16) -> int:
+  """The batch size that splits `count` clips into the fewest batches of at most `max_batch`, all of
+  one size (the last padded): one compiled shape, and little padding (18 clips -> 2 x 9, not 16 + 2)."""
+  return -(-count // -(-count // max_batch))
+
+
+def generate_waves(program, params, clips: dict, seed: int, batch: int | None = None) -> np.ndarray | None:
+  """(K, 2, L) waveforms for the clips' features (None when the codec has no weights). Batches of
+  `batch` clips (default `balanced_batch`), the last padded with repeats of the final clip; each
+  batch draws its noise from fold_in(key(seed), its first index), so a clip listed twice gets two draws."""
   config = program.config
   codec_cfg, codec_params = _codec(config.codec.preset, config.codec.vae_ckpt, config.codec.vocoder_ckpt)
   if codec_params is None and codec_cfg.kind == 'vae':
@@ -67,13 +75,16 @@ def generate_waves(program, params, clips: dict, seed: int, batch: int = 16) -> 
   sampler = _sampler(program.model, fm.FlowMatchingConfig(**config.flow.to_dict()))
   decode = jax.jit(functools.partial(codec_lib.decode_binaural, codec_cfg))
   params = jax.device_get(params)  # sampling runs replicated on the default device
+  count = len(clips['id'])
+  batch = batch or balanced_batch(count)
   waves = []
-  for start in range(0, len(clips['id']), batch):
-    feats = {k: jnp.asarray(clips[k][start:start + batch]) for k in FEATURES if k in clips}
-    shape = clips['latent_mean'][start:start + batch].shape
-    x0 = fm.initial_noise(jax.random.fold_in(jax.random.key(seed), start), shape, config.flow.ear_noise_correlation)
+  for start in range(0, count, batch):
+    rows = np.minimum(np.arange(start, start + batch), count - 1)
+    feats = {k: jnp.asarray(clips[k][rows]) for k in FEATURES if k in clips}
+    x0 = fm.initial_noise(jax.random.fold_in(jax.random.key(seed), start), clips['latent_mean'][rows].shape,
+                          config.flow.ear_noise_correlation)
     latents = sampler({'params': params}, feats, x0)
-    waves.append(np.asarray(decode(codec_params, latents)))
+    waves.append(np.asarray(decode(codec_params, latents))[:count - start])
   return np.concatenate(waves)[..., :clips['audio'].shape[-1]]
 
 
@@ -127,12 +138,16 @@ def lateral_sides(azimuth_deg: np.ndarray, lateral_deg: float) -> tuple[np.ndarr
   return lateral, np.sign(sin_az[:, 0])
 
 
-def final(program, state, workdir: str) -> dict:
+def final(program, state, workdir: str, untrained_params=None) -> dict:
   """The demo's acceptance numbers on `eval.final_split`: ILD side agreement on clearly lateral clips
   (every azimuth point at least `eval.lateral_deg` off the median plane, all on one side)
   for the trained model (eval EMA), the untrained model, the mono duplicate and the reference; the
   full `evaluate` report of the trained model in <workdir>/final_eval/ (on the lateral clips only
-  with `eval.final_lateral_only`)."""
+  with `eval.final_lateral_only`).
+
+  The untrained model (`untrained_params`, else the config's seeded init) is scored over
+  `eval.untrained_draws` noise draws per clip: its zero-initialised output layer makes it return its
+  noise, so its ILD sign is a coin flip per draw, and one draw on ~18 clips ranged 28-83 % over seeds."""
   from visaudio_jax.train import state as state_lib
 
   config = program.config
@@ -147,17 +162,23 @@ def final(program, state, workdir: str) -> dict:
       return {'split': config.eval.final_split, 'clips': num_clips, 'lateral_clips': 0,
               'note': f'no clip is {config.eval.lateral_deg} degrees to one side throughout'}
   sr = int(clips['sample_rate'][0])
-  trained = generate_waves(program, eval_params(state, config.eval.ema), clips, seed=1)
+  batch = balanced_batch(len(side))  # the untrained draws reuse the trained samples' compiled shapes
+  trained = generate_waves(program, eval_params(state, config.eval.ema), clips, seed=1, batch=batch)
   if trained is None:
     return {'note': 'the codec has no weights: no waveforms to score'}
   reference = clips['audio']
   mono = np.repeat(reference.mean(1, keepdims=True), 2, axis=1)
-  systems = {'trained': trained[lateral], 'untrained': None, 'mono_duplicate': mono[lateral],
-             'reference': reference[lateral]}
-  if lateral.any():  # the untrained model only on the clips it is scored on: sampling is the slow part
-    fresh = state_lib.create_state(program.cfg, config, program.tx, program.shardings, program.mesh)
-    systems['untrained'] = generate_waves(program, fresh.params, {k: v[lateral] for k, v in clips.items()}, seed=1)
-  table = {name: None if w is None else side_agreement(clip_ild_db(w), side[lateral]) for name, w in systems.items()}
+  draws = int(config.eval.untrained_draws)
+  systems = {'trained': (trained[lateral], side[lateral]), 'untrained': None,
+             'mono_duplicate': (mono[lateral], side[lateral]), 'reference': (reference[lateral], side[lateral])}
+  if lateral.any() and draws:  # only on the clips it is scored on: sampling is the slow part
+    if untrained_params is None:
+      untrained_params = state_lib.create_state(program.cfg, config, program.tx, program.shardings,
+                                                program.mesh).params
+    repeated = {k: np.concatenate([v[lateral]] * draws) for k, v in clips.items()}
+    systems['untrained'] = (generate_waves(program, untrained_params, repeated, seed=1, batch=batch),
+                            np.tile(side[lateral], draws))
+  table = {name: None if s is None else side_agreement(clip_ild_db(s[0]), s[1]) for name, s in systems.items()}
   out_dir = os.path.join(workdir, 'final_eval')
   if jax.process_index() == 0:
     write_waves(os.path.join(out_dir, 'generated'), clips['id'], trained, sr)
@@ -166,6 +187,7 @@ def final(program, state, workdir: str) -> dict:
     evaluate_lib.write_outputs(metrics, out_dir)
   summary = {'split': config.eval.final_split, 'clips': num_clips, 'lateral_clips': int(lateral.sum()),
              'ild_side_agreement': table,
+             'scored_samples': {name: 0 if s is None else len(s[1]) for name, s in systems.items()},
              'direction_ild': metrics['metrics'].get('direction_ild', {}),
              'ild_mae': metrics['metrics'].get('ild_mae', {})}
   if jax.process_index() == 0:

@@ -218,6 +218,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                                        skip_corrupt=bool(config.data.skip_corrupt)))
   manager = checkpoint.make_manager(workdir, config)
   state, start, how = start_state(program, manager, data_iter)
+  final_eval = int(config.eval.final_num_samples) > 0
+  # The final check's untrained baseline; re-creating it at the end costs another init compile.
+  untrained_params = jax.device_get(state.params) if final_eval and how == 'from scratch' else None
   num_steps = int(config.train.num_steps)
   writer = metric_writers.create_default_writer(os.path.join(workdir, 'tensorboard'),
                                                 just_logging=jax.process_index() > 0, asynchronous=True)
@@ -275,8 +278,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     writer.flush()
     watch.close()
   summary = {'workdir': workdir, 'start_step': start, 'final_step': step, 'stopped_by': stopped_by, 'how': how}
-  if stopped_by == 'num_steps' and int(config.eval.final_num_samples):
-    summary['final_eval'] = sampling_eval.final(program, state, workdir)
+  if stopped_by == 'num_steps' and final_eval:
+    summary['final_eval'] = sampling_eval.final(program, state, workdir, untrained_params)
   if jax.process_index() == 0:
     with open(os.path.join(workdir, 'summary.json'), 'w') as f:
       json.dump(summary, f, indent=1)
