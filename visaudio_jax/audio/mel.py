@@ -93,6 +93,32 @@ def _frame_index(num_frames: int, n_fft: int, hop: int) -> np.ndarray:
   return np.arange(num_frames)[:, None] * hop + np.arange(n_fft)[None, :]  # (T, n_fft)
 
 
+def _frames(x: Array, num_frames: int, n_fft: int, hop: int) -> Array:
+  """(..., L) -> (..., T, n_fft) frames every `hop` samples. When hop divides n_fft, R = n_fft / hop
+  shifted views of hop-sized blocks concatenated: the same values as a gather, which XLA CPU runs
+  several times slower (Griffin-Lim frames the signal 64 times)."""
+  if n_fft % hop:
+    return x[..., _frame_index(num_frames, n_fft, hop)]
+  r = n_fft // hop
+  blocks = x[..., :(num_frames + r - 1) * hop].reshape(x.shape[:-1] + (num_frames + r - 1, hop))
+  return jnp.concatenate([blocks[..., i:i + num_frames, :] for i in range(r)], axis=-1)
+
+
+def _overlap_add(frames: Array, hop: int) -> Array:
+  """(..., T, n_fft) -> (..., (T - 1) * hop + n_fft): frames summed at `hop` offsets; shifted adds of
+  hop-sized blocks when hop divides n_fft, instead of a scatter-add (slow on XLA CPU)."""
+  t, n = frames.shape[-2:]
+  batch = frames.shape[:-2]
+  if n % hop:
+    index = _frame_index(t, n, hop).reshape(-1)
+    return jnp.zeros(batch + ((t - 1) * hop + n,), frames.dtype).at[..., index].add(frames.reshape(batch + (-1,)))
+  r = n // hop
+  blocks = frames.reshape(batch + (t, r, hop))
+  pad = [(0, 0)] * len(batch)
+  out = sum(jnp.pad(blocks[..., i, :], pad + [(i, r - 1 - i), (0, 0)]) for i in range(r))  # (..., T + R - 1, hop)
+  return out.reshape(batch + (-1,))
+
+
 def stft(cfg: MelConfig, wave: Array, window: Array | None = None) -> Array:
   """One-sided STFT as MMAudio takes it: reflect pad, no centring, unnormalised.
 
@@ -103,7 +129,7 @@ def stft(cfg: MelConfig, wave: Array, window: Array | None = None) -> Array:
   if wave.shape[-1] <= p:
     raise ValueError(f'stft: waveform of {wave.shape[-1]} samples is too short to reflect-pad by {p}')
   padded = jnp.pad(wave, [(0, 0)] * (wave.ndim - 1) + [(p, p)], mode='reflect')
-  frames = padded[..., _frame_index(wave.shape[-1] // cfg.hop_length, cfg.n_fft, cfg.hop_length)]
+  frames = _frames(padded, wave.shape[-1] // cfg.hop_length, cfg.n_fft, cfg.hop_length)
   return jnp.fft.rfft(frames * jnp.asarray(window, wave.dtype), axis=-1)  # (..., T, n_freq)
 
 
@@ -113,12 +139,8 @@ def istft(cfg: MelConfig, spec: Array, window: Array | None = None) -> Array:
   num_frames = spec.shape[-2]
   frames = jnp.fft.irfft(spec, n=cfg.n_fft, axis=-1)
   window = window.astype(frames.dtype)
-  index = _frame_index(num_frames, cfg.n_fft, cfg.hop_length).reshape(-1)
-  padded_len = (num_frames - 1) * cfg.hop_length + cfg.n_fft
-  batch = frames.shape[:-2]
-  summed = jnp.zeros(batch + (padded_len,), frames.dtype).at[..., index].add(
-      (frames * window).reshape(batch + (-1,)))
-  norm = jnp.zeros((padded_len,), frames.dtype).at[index].add(jnp.tile(window ** 2, num_frames))
+  summed = _overlap_add(frames * window, cfg.hop_length)
+  norm = _overlap_add(jnp.broadcast_to(window ** 2, (num_frames, cfg.n_fft)), cfg.hop_length)
   wave = summed / jnp.where(norm > 1e-8, norm, 1.0)
   p = cfg.padding
   return wave[..., p:p + num_frames * cfg.hop_length]
@@ -147,12 +169,11 @@ def mel_to_magnitude(cfg: MelConfig, log_mel: Array, iterations: int = 100) -> A
   """
   basis = jnp.asarray(mel_basis(cfg)).astype(log_mel.dtype)  # (M, F)
   mel = _EXP[cfg.log](log_mel)
-  gram = basis.T @ basis  # (F, F)
   target = jnp.einsum('...tm,mf->...tf', mel, basis)
   eps = jnp.finfo(log_mel.dtype).tiny
 
-  def update(_, magnitude):
-    return magnitude * target / (magnitude @ gram + eps)
+  def update(_, magnitude):  # magnitude @ (B^T B) as two thin products: (T, F) -> (T, M) -> (T, F)
+    return magnitude * target / ((magnitude @ basis.T) @ basis + eps)
 
   start = jnp.maximum(target, 0.0) / (jnp.sum(basis, axis=0) ** 2 + eps) + eps
   return jax.lax.fori_loop(0, iterations, update, start)
