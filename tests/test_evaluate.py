@@ -281,6 +281,11 @@ def test_evaluate_shard_reference_with_azimuth(tmp_path):
     for system, v in values.items():
       got = metrics['metrics'][name][system]
       assert got == (v if isinstance(v, int) else pytest.approx(v, rel=1e-4, abs=1e-5)), (name, system)
+  # A dataset root with one folder per split (BiAudio-mini's and extract_features' layout) works too.
+  shards.write_split(tmp_path / 'root' / 'test', 'test', spec, example, K, examples_per_shard=3)
+  nested = ev.evaluate(gen_dir, tmp_path / 'root', tmp_path / 'o1', config=CFG, plots=False, progress=False)
+  assert nested['source']['reference'] == str(tmp_path / 'root' / 'test')
+  assert nested['metrics']['direction_ild'] == pytest.approx(metrics['metrics']['direction_ild'], rel=1e-5)
   with pytest.raises(FileNotFoundError, match=r"no split 'val' \(splits here: \['test'\]\)"):
     ev.evaluate(gen_dir, shard_dir, tmp_path / 'o2', reference_split='val', config=CFG, progress=False)
   no_audio = tmp_path / 'no_audio'

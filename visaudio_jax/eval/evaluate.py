@@ -399,6 +399,16 @@ def _audio_files(directory: Path) -> tuple[dict[str, Path], list[str]]:
   return files, duplicates
 
 
+def _split_folder(reference: Path, split: str | None) -> Path:
+  """A dataset root with one shard folder per split (what `extract_features` and the trainer's
+  BiAudio-mini write: <root>/{train,valid,test}/spec.json) -> the split's folder; anything else as is."""
+  from visaudio_jax.data import schema
+  nested = reference / (split or 'test')
+  if not (reference / schema.SPEC_FILE).exists() and (nested / schema.SPEC_FILE).exists():
+    return nested
+  return reference
+
+
 def _reference_clips(reference: Path, split: str | None, mismatches: dict):
   """(number of clips, iterator of (id, load, azimuth (T,) or None)), load() -> (audio (C, L), rate).
   A WAV folder's files are read only when `load` is called (for matched ids)."""
@@ -453,6 +463,7 @@ def load_pairs(generated_dir: str | os.PathLike, reference: str | os.PathLike, *
   of it is listed in `mismatches`. Raises only when no pair is left, saying why.
   """
   generated_dir, reference = Path(generated_dir), Path(reference)
+  reference = _split_folder(reference, reference_split)
   if not generated_dir.is_dir():
     raise FileNotFoundError(f'{generated_dir}: no such folder of generated audio')
   mismatches = collections.defaultdict(list)
