@@ -159,7 +159,8 @@ def _training_blocks(config: ml_collections.ConfigDict, preset: str) -> None:
   config.checkpoint = ml_collections.ConfigDict(dict(
       every=200 if tiny else 10_000, keep=3, keep_period=0 if tiny else 50_000, async_save=True))
   # Periodic evaluation (0 = off): validation loss on fixed batches, and sampling clips to wav + spatial
-  # metrics; then the final held-out check (final_num_samples clips of final_split).
+  # metrics; then the final held-out check (final_num_samples clips of final_split; the untrained
+  # baseline over untrained_draws noise draws per clip, as one draw is a coin flip per clip).
   config.eval = ml_collections.ConfigDict(dict(
       every=200 if tiny else 5000, loss_batches=4, sample_every=0 if tiny else 20_000, num_samples=8,
       ema='sigma_rel_0p05', final_split='test', final_num_samples=70 if tiny else 0,
