@@ -42,7 +42,6 @@ def test_side_agreement_counts_a_zero_ild_as_a_coin_flip():
 # ---- sampling held-out clips with a micro net (2 flow steps) -------------------------------------
 
 def _micro_program(**eval_overrides):
-  import ml_collections
   from visaudio_jax.model import presets
   from visaudio_jax.train import trainer
   config = presets.experiment_config('tiny')
@@ -50,7 +49,7 @@ def _micro_program(**eval_overrides):
   config.flow.num_steps = 2
   config.train.global_batch_size = 8
   config.eval.update(eval_overrides)
-  return trainer.build(ml_collections.ConfigDict(config))
+  return trainer.build(config)
 
 
 def _clips(program, count: int, seed: int = 0) -> dict:

@@ -81,7 +81,7 @@ def generate_waves(program, params, clips: dict, seed: int, batch: int | None = 
   for start in range(0, count, batch):
     rows = np.minimum(np.arange(start, start + batch), count - 1)
     feats = {k: jnp.asarray(clips[k][rows]) for k in FEATURES if k in clips}
-    x0 = fm.initial_noise(jax.random.fold_in(jax.random.key(seed), start), clips['latent_mean'][rows].shape,
+    x0 = fm.initial_noise(jax.random.fold_in(jax.random.key(seed), start), (batch,) + clips['latent_mean'].shape[1:],
                           config.flow.ear_noise_correlation)
     latents = sampler({'params': params}, feats, x0)
     waves.append(np.asarray(decode(codec_params, latents))[:count - start])
