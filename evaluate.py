@@ -10,7 +10,7 @@ source azimuth, which adds direction accuracy). Mismatched sets are reported, no
 """
 from absl import app, flags
 
-from visaudio_jax.eval import evaluate as evaluate_lib
+from visaudio_jax.eval.evaluate import evaluate
 
 _GENERATED = flags.DEFINE_string('generated', None, 'Folder of generated stereo WAV/FLAC files, one per clip id.',
                                  required=True)
@@ -30,12 +30,12 @@ SUMMARY = ('ild_mae', 'ild_high_mae', 'itd_mae', 'itd_coverage', 'iacc_mae', 'ba
 
 def main(argv):
   del argv
-  metrics = evaluate_lib.evaluate(_GENERATED.value, _REFERENCE.value, _OUT.value, reference_split=_SPLIT.value,
-                                  embedders=_EMBEDDERS.value, batch_size=_BATCH.value, seed=_SEED.value,
-                                  plots=_PLOTS.value, plot_clips=_PLOT_CLIPS.value)
+  metrics = evaluate(_GENERATED.value, _REFERENCE.value, _OUT.value, reference_split=_SPLIT.value,
+                     embedders=_EMBEDDERS.value, batch_size=_BATCH.value, seed=_SEED.value, plots=_PLOTS.value,
+                     plot_clips=_PLOT_CLIPS.value)
   names = [n for n in SUMMARY if n in metrics['metrics']]
   names += [n for n in metrics['metrics'] if n.startswith(('fd_', 'kl_')) and not n.endswith(('_left', '_right'))]
-  systems = evaluate_lib.SYSTEMS
+  systems = metrics['systems']
   width = max(map(len, names))
   print(f'{metrics["num_clips"]} clips of {metrics["clip_seconds"]:.2f} s')
   print(f'{"metric":<{width}}  ' + '  '.join(f'{s:>10}' for s in systems))

@@ -8,7 +8,7 @@
 from absl import app, flags
 from ml_collections import config_flags
 
-from visaudio_jax.eval import sampling
+from visaudio_jax.sample import command
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/tiny.py', 'Config file (ml_collections).',
                                           lock_config=True)
@@ -20,7 +20,7 @@ _CKPT = flags.DEFINE_string('mmaudio_ckpt', None, 'MMAudio .pth/.safetensors to 
 
 def main(argv):
   del argv
-  summary = sampling.run(_CONFIG.value, _OUTPUT.value, _CKPT.value, _VIDEOS.value, _CAPTIONS.value)
+  summary = command.run(_CONFIG.value, _OUTPUT.value, _CKPT.value, _VIDEOS.value, _CAPTIONS.value)
   width = max(map(len, summary))
   for key, value in summary.items():
     print(f'{key:<{width}}  {value}')

@@ -11,18 +11,15 @@ from __future__ import annotations
 
 import json
 import pathlib
-import sys
 import time
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+from timing import median_seconds
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from absl import app, flags  # noqa: E402
-from timing import median_seconds  # noqa: E402
-
-from visaudio_jax.audio import codec as codec_lib  # noqa: E402
+from visaudio_jax.audio import codec as codec_lib
 
 _PRESETS = flags.DEFINE_list('presets', ['mmaudio_16k', 'mmaudio_44k'], 'Codec presets to measure.')
 _SECONDS = flags.DEFINE_float('seconds', 8.0, 'Clip length.')

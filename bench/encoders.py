@@ -16,18 +16,15 @@ import dataclasses
 import json
 import math
 import pathlib
-import sys
 import time
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+from timing import median_seconds
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from absl import app, flags  # noqa: E402
-from timing import median_seconds  # noqa: E402
-
-from visaudio_jax.encoders import features  # noqa: E402
+from visaudio_jax.encoders import features
 
 _PRESET = flags.DEFINE_string('preset', 'mmaudio', 'Encoders preset (visaudio_jax/encoders/features.py).')
 _SECONDS = flags.DEFINE_float('seconds', 8.0, 'Clip length.')

@@ -15,17 +15,14 @@ from __future__ import annotations
 import json
 import pathlib
 import statistics
-import sys
 import time
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+import jax
+import numpy as np
+from absl import app, flags
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-from absl import app, flags  # noqa: E402
-
-from visaudio_jax.data.binaural import render_binaural  # noqa: E402
-from visaudio_jax.eval.evaluate import evaluate_arrays  # noqa: E402
+from visaudio_jax.data.binaural import render_binaural
+from visaudio_jax.eval.metrics import evaluate_arrays
 
 _CLIPS = flags.DEFINE_integer('clips', 100, 'Stereo clips per set.')
 _SECONDS = flags.DEFINE_float('seconds', 8.0, 'Clip length.')

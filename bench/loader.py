@@ -14,18 +14,15 @@ import json
 import os
 import pathlib
 import socket
-import sys
 import tempfile
 import time
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+import numpy as np
+from absl import app, flags
 
-import numpy as np  # noqa: E402
-from absl import app, flags  # noqa: E402
-
-from visaudio_jax.data import loader, schema, shards  # noqa: E402
-from visaudio_jax.model import presets  # noqa: E402
-from visaudio_jax.model.config import network_config  # noqa: E402
+import configs
+from visaudio_jax.data import loader, schema, shards
+from visaudio_jax.model.config import network_config
 
 _PRESET = flags.DEFINE_string('preset', 'large_44k', 'Model preset whose feature shapes the examples take.')
 _EXAMPLES = flags.DEFINE_integer('examples', 32, 'Examples written.')
@@ -48,7 +45,7 @@ def _random_example(spec: schema.ShardSpec, i: int, rng: np.random.Generator) ->
 
 def main(argv):
   del argv
-  cfg = network_config(presets.experiment_config(_PRESET.value).model)
+  cfg = network_config(configs.get_config(_PRESET.value).model)
   spec = schema.ShardSpec.from_network(cfg, storage_dtype=_DTYPE.value)
   folder = pathlib.Path(_DIR.value or tempfile.mkdtemp(prefix='loader_bench_'))
   rng = np.random.default_rng(0)

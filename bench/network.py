@@ -11,23 +11,21 @@ from __future__ import annotations
 
 import json
 import pathlib
-import sys
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
 
-import flax.linen as nn  # noqa: E402
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from absl import app, flags  # noqa: E402
-from timing import median_seconds  # noqa: E402
+import configs
+from timing import median_seconds
 
-from visaudio_jax.convert import mmaudio  # noqa: E402
-from visaudio_jax.model import flow_matching as fm  # noqa: E402
-from visaudio_jax.model import presets  # noqa: E402
-from visaudio_jax.model.config import network_config  # noqa: E402
-from visaudio_jax.model.flops import network_flops  # noqa: E402
-from visaudio_jax.model.network import FlowNetwork, feature_shapes  # noqa: E402
+from visaudio_jax.convert import mmaudio
+from visaudio_jax.model import flow_matching as fm
+from visaudio_jax.model.config import network_config
+from visaudio_jax.model.flops import network_flops
+from visaudio_jax.model.network import FlowNetwork, feature_shapes
 
 _PRESETS = flags.DEFINE_list('presets', ['tiny', 'small_16k'], 'Presets to measure.')
 _FLAGS = flags.DEFINE_string('flags', '', 'Config flags (mono, bf16, scan, remat, ...), as in configs/*.py:ARG.')
@@ -45,7 +43,7 @@ def _memory(compiled) -> float:
 
 
 def measure(preset: str) -> dict:
-  config = presets.experiment_config(preset, _FLAGS.value or None)
+  config = configs.get_config(preset, _FLAGS.value or None)
   cfg = network_config(config.model)
   params = nn.meta.unbox(mmaudio.init_params(cfg))
   model = FlowNetwork(cfg)

@@ -7,7 +7,7 @@ on random batches, per config and remat/scan/bf16 variant, at a given per-device
       --per_device_batch=8                                            # on an H200 (goal: MFU >= 50 %)
 
 Configs are configs/<name>.py (tiny, small_16k, small_44k, medium_44k, large_44k, large, ...); a
-variant is '+'-joined config flags (none, remat, scan, bf16, cudnn: see presets.FLAGS), appended to
+variant is '+'-joined config flags (none, remat, scan, bf16, cudnn: see configs/common.py FLAGS), appended to
 the config file's own (configs/large.py is already bf16+remat). The global batch is
 per_device_batch x the mesh's data x fsdp devices (default per-device batch: the config's).
 
@@ -25,20 +25,17 @@ import json
 import math
 import pathlib
 import statistics
-import sys
 import time
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+import flax.linen as nn
+import jax
+import numpy as np
+from absl import app, flags
 
-import flax.linen as nn  # noqa: E402
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-from absl import app, flags  # noqa: E402
-
-from visaudio_jax.model import sharding  # noqa: E402
-from visaudio_jax.tools.aot import load_config  # noqa: E402
-from visaudio_jax.train import metrics, trainer  # noqa: E402
-from visaudio_jax.train import state as state_lib  # noqa: E402
+from visaudio_jax.model import sharding
+from visaudio_jax.tools.aot import load_config
+from visaudio_jax.train import metrics, trainer
+from visaudio_jax.train import state as state_lib
 
 _CONFIGS = flags.DEFINE_list('configs', ['tiny'], 'Config files configs/<name>.py to measure.')
 _VARIANTS = flags.DEFINE_list('variants', ['none', 'remat', 'scan', 'scan+remat', 'bf16', 'bf16+scan+remat'],
@@ -80,7 +77,7 @@ def measure(name: str, variant: str) -> dict:
   per_device = _PER_DEVICE_BATCH.value or max(1, int(config.train.global_batch_size) // batch_devices)
   config.train.global_batch_size = per_device * batch_devices
   program = trainer.build(config, mesh_probe)
-  cfg, global_batch = program.cfg, int(config.train.global_batch_size)
+  cfg, global_batch = program.net, int(config.train.global_batch_size)
   row = {'config': name, 'variant': variant, 'preset': config.preset, 'dtype': cfg.dtype,
          'remat_policy': cfg.remat_policy, 'scan_layers': cfg.scan_layers, 'attention_impl': cfg.attention_impl,
          'mesh': dict(program.mesh.shape), 'per_device_batch': per_device, 'global_batch': global_batch,

@@ -10,10 +10,10 @@ full rematerialisation of each block. Per-chip memory for TPU v5p pods:
 Arg:  extra comma-separated flags, as for the other configs (e.g. :cudnn on GPUs).
 Expect: MMAudio reports 300k iterations at batch 512 on 8 H100s for its L model (about a week).
 """
-from visaudio_jax.model import presets
+from configs import common
 
 
 def get_config(arg=None):
-  config = presets.experiment_config('large_44k', ','.join(f for f in ('bf16,remat', arg) if f))
-  config.mesh.shape = (1, -1, 1)  # FSDP over all devices
+  config = common.mmaudio_experiment('large_44k', ','.join(f for f in ('bf16,remat', arg) if f))
+  config.mesh = common.mesh((1, -1, 1))  # FSDP over every device
   return config

@@ -3,10 +3,12 @@
 Run:  python sample.py --config=configs/medium_44k.py
 Arg:  comma-separated flags, e.g. --config=configs/medium_44k.py:mono,scan,remat,bf16
       (mono = MMAudio itself; scan/remat/bf16 = memory and speed; sequential/shared = ViSAudio variants).
+Train: python train.py --config=configs/medium_44k.py --workdir=DIR --config.data.dir=SHARDS \
+          --config.train.init_from=weights/<mmaudio checkpoint>.pth   (MMAudio's recipe, configs/common.py)
 Override any field: --config.model.duration_s=10 --config.flow.num_steps=50
 """
-from visaudio_jax.model import presets
+from configs import common
 
 
 def get_config(arg=None):
-  return presets.experiment_config('medium_44k', arg)
+  return common.mmaudio_experiment('medium_44k', arg)

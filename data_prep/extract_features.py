@@ -14,15 +14,10 @@ source azimuth and camera yaw per CLIP frame.
 """
 from __future__ import annotations
 
-import pathlib
-import sys
+from absl import app, flags, logging
+from ml_collections import config_flags
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run as a script from anywhere
-
-from absl import app, flags, logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
-
-from visaudio_jax.data import extraction  # noqa: E402
+from visaudio_jax.data import extraction
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/tiny.py', 'Experiment config (model, encoders, codec).')
 _MANIFEST = flags.DEFINE_string('manifest', None, 'JSON-lines manifest of video/wav/caption[/metadata].', required=True)

@@ -5,14 +5,15 @@ import math
 import jax
 import pytest
 
-from visaudio_jax.model import presets, sharding
+from configs import tiny
+from visaudio_jax.model import sharding
 from visaudio_jax.model.config import network_config
 from visaudio_jax.tools import aot
 from visaudio_jax.train import metrics, trainer
 
 
 def _tiny():
-  return presets.experiment_config('tiny')
+  return tiny.get_config()
 
 
 @pytest.fixture(scope='module')

@@ -1,4 +1,4 @@
-"""visaudio_jax.eval.evaluate / .quality: baselines beside every metric, per-ear FD/KL against numpy,
+"""visaudio_jax.eval.metrics / .quality / .evaluate: baselines beside every metric, per-ear FD/KL against numpy,
 file matching with mismatches reported, shard-directory references, outputs on disk.
 
 Clips are 0.5 s at 16 kHz with sources swinging left-right; the spatial front end uses shorter
@@ -18,7 +18,9 @@ from visaudio_jax.audio.wav import write_wav
 from visaudio_jax.data import schema, shards
 from visaudio_jax.data.binaural import render_binaural
 from visaudio_jax.eval import evaluate as ev
+from visaudio_jax.eval import metrics as em
 from visaudio_jax.eval import quality
+from visaudio_jax.eval import report as report_lib
 from visaudio_jax.eval import spatial as sp
 
 SR, L, K, TRACK = 16000, 8000, 4, 8
@@ -49,7 +51,7 @@ def tracks() -> np.ndarray:
 @functools.cache
 def good_vs_reference(batch_size: int = K) -> dict:
   """A perfect generative model (other noise, same scenes) scored against the references."""
-  return ev.evaluate_arrays(clips(1), clips(0), SR, ids=[f'c{i}' for i in range(K)], source_azimuth_deg=tracks(),
+  return em.evaluate_arrays(clips(1), clips(0), SR, ids=[f'c{i}' for i in range(K)], source_azimuth_deg=tracks(),
                             config=CFG, batch_size=batch_size)
 
 
@@ -59,7 +61,7 @@ def good_vs_reference(batch_size: int = K) -> dict:
 def test_reference_against_itself_is_perfect():
   out = good_vs_reference()
   assert json.loads(json.dumps(out, allow_nan=False))['ids'] == ['c0', 'c1', 'c2', 'c3']  # NaN is None
-  assert all(len(v) == K for v in out['per_clip']['ild_mae'].values()) and out['systems'] == list(ev.SYSTEMS)
+  assert all(len(v) == K for v in out['per_clip']['ild_mae'].values()) and out['systems'] == list(em.SYSTEMS)
   m = out['metrics']
   for name in PAIRED_ERRORS + ('fp_stft', 'fp_env', 'fp_mag', 'fp_phase', 'ild_w1', 'ild_high_w1', 'itd_w1',
                                'kl_mel_stats', 'kl_mel_stats_left', 'kl_mel_stats_right'):
@@ -74,7 +76,7 @@ def test_reference_against_itself_is_perfect():
 def test_swap_flips_cues_and_mono_has_none():
   out = good_vs_reference()
   m, clip = out['metrics'], out['per_clip']
-  ref = {k: np.asarray(v) for k, v in ev._frame_features(CFG, jnp.asarray(clips(0))).items()}  # jitted
+  ref = {k: np.asarray(v) for k, v in report_lib._frame_features(CFG, jnp.asarray(clips(0))).items()}  # jitted
   for cue in ('ild', 'ild_high'):  # mono: cue 0, so its error is |reference cue|; swapped: -cue, twice that
     want = [np.abs(ref[cue][b][ref['active'][b]]).mean() for b in range(K)]
     np.testing.assert_allclose(clip[f'{cue}_mae']['mono'], want, rtol=1e-4)
@@ -97,16 +99,16 @@ def test_mono_and_random_do_not_beat_a_good_system():
   assert not set(out['mono_beats_generated']) & set(SPATIAL), out['mono_beats_generated']
   for name in SPATIAL:
     g = m[name]['generated']
-    better = ev.metric_info(name).better
+    better = em.metric_info(name).better
     for baseline in ('swapped', 'mono', 'random'):
       b = m[name][baseline]
       if baseline == 'swapped' and name in ('iacc_mae', 'smr_error'):  # side-blind: swapping changes nothing
         assert b == pytest.approx(0.0, abs=1e-5), name
         continue
-      if baseline == 'random' and ev.metric_info(name).group == 'distribution':
+      if baseline == 'random' and em.metric_info(name).group == 'distribution':
         assert b == pytest.approx(m[name]['reference'], abs=1e-6), name  # set-level: blind to pairing
         continue
-      if baseline == 'swapped' and ev.metric_info(name).group == 'distribution':
+      if baseline == 'swapped' and em.metric_info(name).group == 'distribution':
         continue  # these scenes swing symmetrically, so swapping mirrors the cue distribution onto itself
       assert (g < b) if better == 'lower' else (g > b), (name, baseline, g, b)
   assert m['direction_ild']['generated'] > 0.95 and m['direction_itd']['generated'] > 0.95
@@ -117,11 +119,11 @@ def test_mono_and_random_do_not_beat_a_good_system():
 
 def test_without_baselines_only_the_generated_set_is_scored():
   full = good_vs_reference()
-  alone = ev.evaluate_arrays(clips(1), clips(0), SR, ids=full['ids'], source_azimuth_deg=tracks(), config=CFG,
+  alone = em.evaluate_arrays(clips(1), clips(0), SR, ids=full['ids'], source_azimuth_deg=tracks(), config=CFG,
                              baselines=False)
   assert set(alone['metrics']) == set(full['metrics']) and alone['mono_beats_generated'] == []
   for name, values in alone['metrics'].items():
-    assert [values[s] for s in ev.BASELINES] == [None] * 4, name
+    assert [values[s] for s in em.BASELINES] == [None] * 4, name
     want = full['metrics'][name]['generated']
     assert values['generated'] == (want if isinstance(want, int) else pytest.approx(want, rel=1e-4, abs=1e-5)), name
   assert alone['per_clip']['ild_mae']['mono'] == [None] * K
@@ -129,11 +131,11 @@ def test_without_baselines_only_the_generated_set_is_scored():
 
 def test_evaluate_arrays_rejects_bad_input():
   with pytest.raises(ValueError, match=r'\(K, 2, L\)'):
-    ev.evaluate_arrays(clips(0)[:, :1], clips(0)[:, :1], SR, config=CFG)
+    em.evaluate_arrays(clips(0)[:, :1], clips(0)[:, :1], SR, config=CFG)
   with pytest.raises(ValueError, match='at least'):
-    ev.evaluate_arrays(clips(0)[..., :1000], clips(0)[..., :1000], SR, config=CFG)
+    em.evaluate_arrays(clips(0)[..., :1000], clips(0)[..., :1000], SR, config=CFG)
   with pytest.raises(ValueError, match='unknown embedder'):
-    ev.evaluate_arrays(clips(1), clips(0), SR, config=CFG, embedders=('vggish',))
+    em.evaluate_arrays(clips(1), clips(0), SR, config=CFG, embedders=('vggish',))
 
 
 # --- quality: per-ear FD and KL against numpy -------------------------------------------------------------

@@ -9,9 +9,9 @@ import jax
 import numpy as np
 import pytest
 
+from configs import tiny as tiny_config
 from visaudio_jax import encoders
 from visaudio_jax.encoders.video import write_video
-from visaudio_jax.model import presets
 from visaudio_jax.model.config import network_config
 from visaudio_jax.model.network import feature_shapes
 
@@ -34,7 +34,7 @@ def video(tmp_path_factory):
 def test_extract_gives_the_tiny_networks_feature_shapes(tiny, video):
   cfg, params = tiny
   feats = encoders.extract(video, 'a dog barks on the left', cfg, params, duration_s=2.0)
-  config = presets.experiment_config('tiny')
+  config = tiny_config.get_config()
   expected = feature_shapes(network_config(config.model))
   expected.pop('latent')
   assert {k: v.shape[1:] for k, v in feats.items()} == expected

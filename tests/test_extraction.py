@@ -11,10 +11,9 @@ import numpy as np
 import pytest
 import soundfile
 
-from data_prep import synthetic
+from configs import tiny
 from visaudio_jax.audio import codec as codec_lib
-from visaudio_jax.data import extraction, loader
-from visaudio_jax.model import presets
+from visaudio_jax.data import extraction, loader, synthetic
 
 
 @pytest.fixture(scope='module')
@@ -37,7 +36,7 @@ def dataset(tmp_path_factory):
 
 
 def test_build_shards_skips_bad_clips_and_loads_back(dataset, tmp_path):
-  config = presets.experiment_config('tiny')
+  config = tiny.get_config()
   out = tmp_path / 'shards'
   summary = extraction.extract_split(config, dataset / 'all.jsonl', out, 'valid', examples_per_shard=3, batch=2)
   assert summary['examples'] == 4 and len(summary['shards']) == 2
@@ -69,7 +68,7 @@ def test_build_shards_skips_bad_clips_and_loads_back(dataset, tmp_path):
 
 
 def test_rerun_recomputes_nothing_and_changes_nothing(dataset, tmp_path, monkeypatch):
-  config = presets.experiment_config('tiny')
+  config = tiny.get_config()
   out = tmp_path / 'shards'
   extraction.extract_split(config, dataset / 'manifest.jsonl', out, 'train', examples_per_shard=2, batch=2)
   before = {p.name: p.read_bytes() for p in out.iterdir()}

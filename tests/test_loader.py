@@ -11,6 +11,7 @@ import grain
 import jax
 import numpy as np
 import pytest
+from absl import flags
 from jax.sharding import NamedSharding, PartitionSpec
 
 from visaudio_jax.data import loader, schema, shards, tfrecord
@@ -84,6 +85,10 @@ def test_resume_from_state_reproduces_the_run(data_dir):
 
 
 def test_worker_processes_give_the_same_batches(data_dir):
+  # Grain's mp_prefetch reads absl flags of its own (grain 0.2.18), which raise unparsed outside an
+  # absl app; train.py and the benches are absl apps, a test is not: take the flags' defaults.
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
   it = iter(loader.make_dataset(data_dir, 'train', SPEC, 4, seed=0, worker_count=1))
   try:
     assert_batches_equal([next(it) for _ in range(3)], take(loader.make_dataset(data_dir, 'train', SPEC, 4, seed=0), 3))

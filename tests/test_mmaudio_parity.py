@@ -81,6 +81,11 @@ def _run_all(name: str, fmt: str, dtype, prefix: str) -> dict[str, tuple[np.ndar
   put('train/loss', loss)
   put('train/mean_loss', loss.mean())
   if not prefix:  # the min_sigma extras exist only in the float64 run
+    # Each Euler step from torch's own states: isolates the step from the free-running trajectory.
+    ref_xs = jnp.asarray(io['sample/x'][:-1], dtype)[:, :, None]
+    out['sample/flow_from_reference_states'] = (
+        np.asarray(jax.jit(jax.vmap(velocity))(jnp.asarray(grid[:-1]).astype(dtype), ref_xs)[:, :, 0]),
+        io['sample/flow'])
     put('train_min_sigma_0.1/xt', fm.interpolate(inp('train_x0'), x1n, inp('train_t'), 0.1))
     put('train_min_sigma_0.1/loss', fm.per_sample_loss(pred, inp('train_x0'), x1n, 0.1))
   return out
@@ -91,10 +96,17 @@ def test_float64_matches_torch_everywhere(name):
   with jax.enable_x64(True):
     results = _run_all(name, 'safetensors', jnp.float64, '')
   expected = {k for k in tiny_io(name) if not k.startswith(('inputs/', 'f32/', 'buffers/'))}
+  expected |= {'sample/flow_from_reference_states'}
   assert set(results) == expected - {'predict_flow_rope_nocast'}  # every saved output is checked
   errors = {k: rel_err(ours, ref) for k, (ours, ref) in results.items()}
-  bad = {k: e for k, e in errors.items() if not e <= 1e-10}
-  assert not bad, f'{name}: outputs off by more than 1e-10 relative: {bad}'
+  # MMAudio rounds q and k to float32 for RoPE even in a float64 run (`x.float()`), and so do we. Along
+  # the free-running Euler trajectory a 1e-15 difference in the state (summation order, FMA: it varies
+  # with the CPU) can flip one of those float32 roundings and move later states by ~1e-9; the same
+  # steps taken from torch's own states agree to float64 precision.
+  trajectory = {'sample/x', 'sample/flow', 'sample/x1', 'sample/x1_unnorm'}
+  bad = {k: e for k, e in errors.items() if not e <= (1e-8 if k in trajectory else 1e-10)}
+  assert not bad, f'{name}: outputs off by more than 1e-10 relative (trajectory: 1e-8): {bad}'
+  assert errors['sample/flow_from_reference_states'] <= 1e-13
 
 
 @pytest.mark.parametrize('name', TINY)

@@ -10,7 +10,8 @@ import numpy as np
 import optax
 import pytest
 
-from visaudio_jax.model import network, presets
+from configs import tiny
+from visaudio_jax.model import network
 from visaudio_jax.model.config import network_config
 from visaudio_jax.train import optim
 
@@ -69,7 +70,7 @@ def test_schedule_mmaudio_values_decay_after_the_warmup():
 
 
 def _tiny_params_shapes(arg=None):
-  cfg = network_config(presets.experiment_config('tiny', arg).model)
+  cfg = network_config(tiny.get_config(arg).model)
   return nn.meta.unbox(jax.eval_shape(lambda: network.init_variables(cfg)))['params']
 
 

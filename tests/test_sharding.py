@@ -5,12 +5,15 @@ import dataclasses
 import flax.linen as nn
 import jax
 import numpy as np
+import optax
 import pytest
 
 from test_network import _features, _tiny_binaural
 from mmaudio_fixtures import rel_err
-from visaudio_jax.model import presets, sharding
+from configs import common, tiny
+from visaudio_jax.model import sharding
 from visaudio_jax.model.network import FlowNetwork, init_variables
+from visaudio_jax.train import state as state_lib
 
 
 def test_every_param_has_logical_axis_names():
@@ -26,10 +29,20 @@ def test_every_param_has_logical_axis_names():
       'layers', 'ear', 'embed', 'qkv', 'heads', 'head_dim')
 
 
-def _sharded_vs_local(shape, rules=presets.LOGICAL_AXIS_RULES):
+def _init_on_mesh(net, mesh, rules):
+  """The production sharded init (train/state.py): params created in their shardings."""
+  config = tiny.get_config()
+  config.logical_axis_rules = [list(r) for r in rules]
+  tx = optax.identity()
+  _, specs = state_lib.abstract_state(net, config, tx)
+  shardings = state_lib.state_shardings(specs, mesh, rules)
+  return {'params': state_lib.create_state(net, config, tx, shardings, mesh).params}
+
+
+def _sharded_vs_local(shape, rules=common.LOGICAL_AXIS_RULES):
   cfg = _tiny_binaural(depth=2, fused_depth=1)
   mesh = sharding.make_mesh(shape)
-  params = sharding.init_sharded(cfg, mesh, rules)
+  params = _init_on_mesh(cfg, mesh, rules)
   rng = np.random.default_rng(0)
   params = jax.tree.map(lambda x: jax.device_put(x + 0.05 * rng.standard_normal(x.shape).astype(np.float32),
                                                  x.sharding), params)
@@ -60,7 +73,7 @@ def test_sharded_forward_matches_single_device(shape):
                    'tensor axes all exceed 1 (about 5% error in the clip/text stream updates). The default '
                    'rules keep that axis unsharded; strict: this fails the day XLA is fixed.')
 def test_tensor_sharded_modulation_on_a_three_axis_mesh():
-  rules = [r for r in presets.LOGICAL_AXIS_RULES if r[0] != 'modulation'] + [('modulation', 'tensor')]
+  rules = [r for r in common.LOGICAL_AXIS_RULES if r[0] != 'modulation'] + [('modulation', 'tensor')]
   _, out, local, _ = _sharded_vs_local((2, 2, 2), rules)
   assert rel_err(out, local) < 1e-5
 

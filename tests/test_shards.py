@@ -18,10 +18,11 @@ import pytest
 from conftest import fixture_path
 from tensorflow_datasets.proto import tf_example_pb2
 
+from visaudio_jax import files
 from visaudio_jax.data import schema, shards, tfrecord
 from visaudio_jax.model.config import network_config
 from visaudio_jax.model.network import feature_shapes
-from visaudio_jax.model.presets import experiment_config
+from configs import tiny
 
 SMALL = schema.ShardSpec(clip_f=(4, 8), sync_f=(8, 6), text_f=(3, 8), latent=(2, 5, 4))
 
@@ -183,7 +184,7 @@ def test_writer_is_atomic(tmp_path):
 
 # --- schema ---------------------------------------------------------------------------------------
 
-TINY = network_config(experiment_config('tiny').model)
+TINY = network_config(tiny.get_config().model)
 FULL = schema.ShardSpec.from_network(TINY, with_audio=True, with_metadata=True, camera_yaw=True)
 # Round-to-nearest relative error bounds: 2^-11 (float16, 10 mantissa bits), 2^-8 (bfloat16, 7).
 TOLERANCE = {'float32': 0.0, 'float16': 2.0**-11, 'bfloat16': 2.0**-8}
@@ -307,7 +308,7 @@ def test_write_split_resumes_without_recomputing(tmp_path):
   assert calls == [0, 1, 2, 3, 4, 5, 6]
   assert sorted(p.name for p in (tmp_path / 'run').iterdir()) == ['spec.json'] + [
       f'train-0000{k}-of-00004.tfrecord{ext}' for k in (0, 1) for ext in ('', '.index')]
-  leftover = tmp_path / 'run' / '.train-00002-of-00004.tfrecord.0123.tmp'  # as a SIGKILL leaves it
+  leftover = files.temp_sibling(tmp_path / 'run' / 'train-00002-of-00004.tfrecord')  # as a SIGKILL leaves it
   leftover.write_bytes(b'partial')
   calls.clear()
   shards.write_split(tmp_path / 'run', 'train', SMALL, counting, 10, 3)

@@ -14,9 +14,8 @@ import h5py
 import numpy as np
 import pytest
 
-from data_prep import synthetic
 from visaudio_jax.audio.wav import read_wav
-from visaudio_jax.data import binaural
+from visaudio_jax.data import binaural, synthetic
 from visaudio_jax.encoders.video import read_frames
 
 SR = 16000

@@ -20,7 +20,8 @@ import numpy as np
 import pytest
 
 from visaudio_jax.data import schema, shards
-from visaudio_jax.model import flow_matching as fm, presets, sharding
+from configs import tiny
+from visaudio_jax.model import flow_matching as fm, sharding
 from visaudio_jax.model.config import network_config
 from visaudio_jax.model import network
 from visaudio_jax.model.network import feature_shapes, init_variables
@@ -33,7 +34,7 @@ STEPS = 40  # of the subprocess runs (checkpoints every 4)
 
 
 def micro_config(**overrides):
-  config = presets.experiment_config('tiny')
+  config = tiny.get_config()
   for key, value in {**MICRO, **overrides}.items():
     node, *path = key.split('.')
     target = config[node]
@@ -84,7 +85,7 @@ def _program(config, devices):
 
 
 def _run_steps(program, batches):
-  state = state_lib.create_state(program.cfg, program.config, program.tx, program.shardings, program.mesh)
+  state = state_lib.create_state(program.net, program.config, program.tx, program.shardings, program.mesh)
   losses = []
   for batch in batches:
     arrays = {k: jax.device_put(v, program.batch_sharding) for k, v in batch.items()}
@@ -158,7 +159,7 @@ def test_gradient_accumulation_and_ema_in_the_step():
   config = micro_config(**{'train.global_batch_size': 4, 'train.grad_accum_steps': 2})
   config.mesh.shape = (1, 1, 1)
   program = _program(config, jax.devices()[:1])
-  cfg = program.cfg
+  cfg = program.net
   batch = random_batch(cfg, 4, 0)
   state0 = state_lib.create_state(cfg, config, program.tx, program.shardings, program.mesh)
   params0 = jax.device_get(state0.params)
@@ -166,7 +167,7 @@ def test_gradient_accumulation_and_ema_in_the_step():
   # Expected: the mean gradient of the two halves, through the same optimizer.
   key = jax.random.fold_in(jax.random.wrap_key_data(np.asarray(jax.random.key_data(
       jax.random.key(int(config.train.seed))))), 0)
-  flow = fm.FlowMatchingConfig(**config.flow.to_dict())
+  flow = fm.flow_config(config.flow)
   halves = [{k: v[i * 2:(i + 1) * 2] for k, v in batch.items()} for i in range(2)]
   grads = [jax.jit(lambda p, b, k: step_lib._loss_and_grads(program.model, flow, p, b, k)[0])(
       params0, h, jax.random.fold_in(key, i)) for i, h in enumerate(halves)]
@@ -193,8 +194,8 @@ def _train_cmd(workdir, shard_dir, steps, extra=()):
   flags = {**{f'config.{k}': v for k, v in MICRO.items()},
            'config.data.dir': shard_dir, 'config.data.synthetic.enabled': False,
            'config.train.num_steps': steps, 'config.train.global_batch_size': 4, 'config.train.log_every': 2,
-           'config.train.log_batch_ids': True, 'config.checkpoint.every': 4, 'config.checkpoint.async_save': True,
-           'config.eval.every': 1000, 'config.eval.sample_every': 1000, 'config.eval.final_num_samples': 0,
+           'config.train.step_log': True, 'config.checkpoint.every': 4, 'config.checkpoint.async_save': True,
+           'config.evals.val.every': 1000, 'config.evals.side.final': False,
            'config.optim.warmup_steps': 2, 'config.optim.lr': 1e-3,
            'config.train.compilation_cache_dir': str(ROOT / '.pytest_cache' / 'jax_train')}
   return ([sys.executable, str(ROOT / 'train.py'), '--config=' + str(ROOT / 'configs' / 'tiny.py'),

@@ -165,18 +165,3 @@ def check_matches_network(cfg: CodecConfig, net) -> None:
   if ours != theirs:
     raise ValueError(f'codec and model disagree on (latent_dim, sample_rate, hop_length, latent_downsample): '
                      f'codec {ours}, model {theirs}')
-
-
-def load_codec(codec: Any) -> tuple[CodecConfig, dict | None]:
-  """A config file's `codec` block (preset, vae_ckpt, vocoder_ckpt) -> (config, params), params None
-  when a 'vae' codec has no checkpoints (it cannot make sound from random weights)."""
-  from visaudio_jax.convert import audio as convert_audio  # convert depends on this package, not back
-
-  cfg = codec_config(codec.preset)
-  if cfg.kind == 'mel':
-    return cfg, {}
-  if not (codec.vae_ckpt and codec.vocoder_ckpt):
-    return cfg, None
-  vae_cfg, vae = convert_audio.load_vae(codec.vae_ckpt, cfg.vae)
-  vocoder_cfg, vocoder = convert_audio.load_vocoder(codec.vocoder_ckpt, cfg.vocoder)
-  return dataclasses.replace(cfg, vae=vae_cfg, vocoder=vocoder_cfg), {'vae': vae, 'vocoder': vocoder}

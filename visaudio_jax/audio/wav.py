@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 import os
-import pathlib
-import uuid
 
 import numpy as np
 import soundfile
+
+from visaudio_jax.files import atomic_path
 
 
 def write_wav(path: str | os.PathLike, wave: np.ndarray, sample_rate: int, subtype: str = 'PCM_16') -> None:
@@ -15,13 +15,8 @@ def write_wav(path: str | os.PathLike, wave: np.ndarray, sample_rate: int, subty
   wave = np.asarray(wave)
   if wave.ndim != 2 or not np.isfinite(wave).all():
     raise ValueError(f'{path}: expected finite audio shaped (channels, samples), got shape {wave.shape}')
-  path = pathlib.Path(path)
-  tmp = path.with_name(f'.{path.name}.{uuid.uuid4().hex}.tmp')
-  try:
+  with atomic_path(path) as tmp:
     soundfile.write(tmp, np.clip(wave, -1.0, 1.0).T, sample_rate, subtype=subtype, format='WAV')
-    os.replace(tmp, path)
-  finally:
-    tmp.unlink(missing_ok=True)
 
 
 def read_wav(path: str | os.PathLike) -> tuple[np.ndarray, int]:

@@ -25,21 +25,40 @@ from visaudio_jax.convert.torch_io import CheckpointError, read_state_dict
 _VAE_ATTRIBUTES = frozenset({'mid/block_1', 'mid/block_2', 'mid/attn_1'})
 
 
+def _fma32(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> np.ndarray:
+  """float32 a*b + c rounded once, like the FMA instructions in torch's AVX2 kernels.
+
+  a*b is exact in float64; the float64 sum is made round-to-odd (TwoSum error term) so that the
+  final cast to float32 cannot double-round."""
+  p = a.astype(np.float64) * b.astype(np.float64)
+  c = np.asarray(c, np.float64)
+  s = p + c
+  t = s - p
+  err = (p - (s - t)) + (c - t)
+  even = (s.view(np.uint64) & 1) == 0
+  s = np.where((err != 0) & even, np.nextafter(s, np.copysign(np.inf, err)), s)
+  return s.astype(np.float32)
+
+
 def _float32_channel_norms(w: np.ndarray) -> np.ndarray:
-  """Per-output-channel L2 norms in float32, summed in the order of torch's CPU reduction (8 float
-  lanes, each accumulated in sequence, then the lanes, then the tail), so the fused weights below
-  are bitwise torch's on the AVX2 CPU that made the fixtures; elsewhere within 1 ulp."""
-  squares = np.square(w.reshape(w.shape[0], -1))  # (out, fan_in) float32
-  lanes = 8
-  body = squares.shape[1] // lanes * lanes
-  acc = np.zeros((w.shape[0], lanes), np.float32)
-  for start in range(0, body, lanes):
-    acc += squares[:, start:start + lanes]
-  total = np.zeros((w.shape[0],), np.float32)
-  for lane in range(lanes):
-    total += acc[:, lane]
-  for col in range(body, squares.shape[1]):
-    total += squares[:, col]
+  """Per-output-channel L2 norms, bitwise torch's `vector_norm(dtype=float32)` on x86-64 CPUs.
+
+  torch reduces the contiguous (in, k) row in its AVX2 kernel (AVX512 CPUs dispatch to it too):
+  x*x summed into 8 lanes in sequence; the lanes summed 0..7 in sequence; then GCC's vectorised
+  tail loop adds the next 4 squares (if 4 are left) in order, and the last 0-3 by scalar FMA."""
+  rows = w.reshape(w.shape[0], -1)
+  fan_in = rows.shape[1]
+  if fan_in == 1:  # torch returns |x| here, with no square to underflow
+    return np.abs(rows[:, 0])
+  squares = rows * rows
+  body = fan_in // 8 * 8
+  vectorised = body + (fan_in - body) // 4 * 4
+  lanes = np.zeros((rows.shape[0], 8), np.float32)
+  if body:  # ufunc.accumulate adds strictly in sequence (np.sum would go pairwise)
+    lanes = np.add.accumulate(squares[:, :body].reshape(rows.shape[0], -1, 8), axis=1)[:, -1]
+  total = np.add.accumulate(np.concatenate([lanes, squares[:, body:vectorised]], axis=1), axis=1)[:, -1]
+  for col in range(vectorised, fan_in):
+    total = _fma32(rows[:, col], rows[:, col], total)
   return np.sqrt(total)
 
 
@@ -49,8 +68,8 @@ def fuse_mp_weight(weight: np.ndarray) -> np.ndarray:
   w = np.asarray(weight, np.float32)
   fan_in = w[0].size
   norm = _float32_channel_norms(w).reshape((-1,) + (1,) * (w.ndim - 1))
-  alpha = np.float32(np.sqrt(1.0 / fan_in))
-  norm = (np.float64(np.float32(1e-4)) + np.float64(alpha) * norm.astype(np.float64)).astype(np.float32)
+  alpha = np.full_like(norm, np.sqrt(1.0 / fan_in))
+  norm = _fma32(alpha, norm, np.float32(1e-4))
   return ((w / norm) / np.float32(np.sqrt(fan_in))).astype(weight.dtype)
 
 

@@ -23,7 +23,7 @@ import numpy as np
 from visaudio_jax.convert.torch_io import CheckpointError, read_state_dict
 from visaudio_jax.model.config import NetworkConfig, network_config
 from visaudio_jax.model.network import FlowNetwork, init_variables
-from visaudio_jax.model.presets import MMAUDIO_PRESETS, model_config
+from visaudio_jax.model.presets import ARCHITECTURES, MMAUDIO_SIZES, model_config
 from visaudio_jax.model.tables import Tables
 from visaudio_jax.model import layout
 
@@ -157,11 +157,11 @@ def infer_config(state: dict[str, np.ndarray]) -> NetworkConfig:
                  depth=depth_joint + depth_fused, fused_depth=depth_fused, v2=v2)
   except KeyError as err:
     raise CheckpointError(f'not an MMAudio state dict: key {err} is missing') from None
-  for name, preset in MMAUDIO_PRESETS.items():
-    if all(preset.get(k, False) == v for k, v in found.items()):
+  for name in MMAUDIO_SIZES:
+    if all(ARCHITECTURES[name].get(k, False) == v for k, v in found.items()):
       return mono_config(model_config(name, mono=True))
   raise CheckpointError(f'state dict with {found} matches no MMAudio preset '
-                        f'({sorted(MMAUDIO_PRESETS)}); pass variant= a NetworkConfig')
+                        f'({sorted(MMAUDIO_SIZES)}); pass variant= a NetworkConfig')
 
 
 def abstract_params(cfg: NetworkConfig) -> Params:

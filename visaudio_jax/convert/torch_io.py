@@ -14,7 +14,6 @@ import collections
 import os
 import pickle
 import struct
-import uuid
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,8 @@ import numpy as np
 import safetensors
 import safetensors.numpy
 from numpy.lib.stride_tricks import as_strided
+
+from visaudio_jax.files import atomic_path
 
 __all__ = ["CheckpointError", "read_state_dict", "write_safetensors"]
 
@@ -273,25 +274,8 @@ def write_safetensors(tensors: dict[str, np.ndarray], path: str | os.PathLike,
         raise _fail(path, f"expected a dict of str -> numpy array, bad entries: {bad[:20]}")
     # safetensors.numpy reads raw memory, so views must be made contiguous first (keeping 0-dim).
     contiguous = {k: v if v.flags.c_contiguous else v.copy(order="C") for k, v in tensors.items()}
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-    try:
+    with atomic_path(path, durable=True) as tmp:
         try:
             safetensors.numpy.save_file(contiguous, tmp, metadata=metadata)
         except safetensors.SafetensorError as exc:
             raise _fail(path, f"cannot serialise tensors ({exc})") from exc
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    if os.name == "posix":  # make the rename itself durable
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)

@@ -24,12 +24,11 @@ import soundfile
 from absl import logging
 from tqdm import tqdm
 
-from visaudio_jax import encoders
+from visaudio_jax import components, encoders, files
 from visaudio_jax.audio import codec as codec_lib
 from visaudio_jax.audio.wav import read_wav
 from visaudio_jax.data import shards
 from visaudio_jax.data.schema import ShardSpec
-from visaudio_jax.data.tfrecord import write_atomic
 from visaudio_jax.model.config import NetworkConfig, network_config
 
 
@@ -99,8 +98,8 @@ class Extractor:
 
   def __init__(self, config: ml_collections.ConfigDict):
     self.net: NetworkConfig = network_config(config.model)
-    self.enc_cfg, self.enc_params = encoders.encoders_from_config(config.encoders, config.seed)
-    self.codec_cfg, self.codec_params = codec_lib.load_codec(config.codec)
+    self.enc_cfg, self.enc_params = components.encoders_from_config(config.encoders, config.seed)
+    self.codec_cfg, self.codec_params = components.load_codec(config.codec)
     if self.codec_params is None:
       raise ValueError(f'codec {config.codec.preset!r} needs codec.vae_ckpt and codec.vocoder_ckpt to encode audio')
     codec_lib.check_matches_network(self.codec_cfg, self.net)
@@ -196,5 +195,5 @@ def extract_split(config, manifest: str, out_dir: str, split: str, *, with_audio
              'shards': [p.name for p in paths], 'skipped': skipped,
              'skipped_by_reason': collections.Counter(r.split(' (')[0] for r in skipped.values()),
              'spec': json.loads(spec.to_json()), 'seconds': round(time.perf_counter() - start, 1)}
-  write_atomic(pathlib.Path(out_dir) / f'{split}.skipped.json', json.dumps(summary, indent=1).encode())
+  files.write_bytes(pathlib.Path(out_dir) / f'{split}.skipped.json', json.dumps(summary, indent=1).encode(), durable=True)
   return summary

@@ -16,13 +16,12 @@ from collections.abc import Mapping, Sequence
 import grain
 import jax
 import numpy as np
-from absl import flags
 
 from visaudio_jax.data.schema import ShardSpec, decode_example, read_spec
 from visaudio_jax.data.shards import shard_paths
 from visaudio_jax.data.tfrecord import ShardReader
 
-__all__ = ['ShardDataSource', 'make_dataset', 'to_global_arrays']
+__all__ = ['ShardDataSource', 'make_dataset', 'first_batches', 'to_global_arrays']
 
 
 class ShardDataSource(grain.sources.RandomAccessDataSource):
@@ -108,12 +107,16 @@ def make_dataset(directory: str | os.PathLike, split: str, spec: ShardSpec | Non
     ds = ds[:len(ds) // process_count * process_count]
   ds = ds[process_index::process_count].to_iter_dataset()
   if worker_count > 0:
-    if not flags.FLAGS.is_parsed():
-      # mp_prefetch reads an absl flag of Grain's, which raises when flags are unparsed, i.e. outside
-      # an absl app (grain 0.2.18); take the defaults then.
-      flags.FLAGS.mark_as_parsed()
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
   return ds
+
+
+def first_batches(directory: str | os.PathLike, split: str, batch_size: int, count: int,
+                  num_epochs: int | None = None) -> list[dict[str, np.ndarray]]:
+  """The first `count` batches of a split, unshuffled: the same examples at every evaluation. With
+  `num_epochs`, fewer when the split runs out."""
+  it = iter(make_dataset(directory, split, None, batch_size, 0, shuffle=False, num_epochs=num_epochs))
+  return [batch for _, batch in zip(range(count), it)]
 
 
 def to_global_arrays(batch: Mapping[str, np.ndarray], sharding: jax.sharding.Sharding) -> dict[str, jax.Array]:

@@ -30,7 +30,7 @@ import tensorflow_datasets as tfds
 from google.protobuf import message
 from tensorflow_datasets.core import example_parser, example_serializer
 
-from visaudio_jax.data.tfrecord import write_atomic
+from visaudio_jax import files
 from visaudio_jax.model.config import NetworkConfig
 from visaudio_jax.model.network import feature_shapes
 
@@ -209,7 +209,7 @@ def decode_example(spec: ShardSpec, data: bytes) -> dict[str, Any]:
 def write_spec(directory: str | os.PathLike, spec: ShardSpec) -> None:
   """`<directory>/spec.json`, atomically."""
   Path(directory).mkdir(parents=True, exist_ok=True)
-  write_atomic(Path(directory) / SPEC_FILE, spec.to_json().encode())
+  files.write_bytes(Path(directory) / SPEC_FILE, spec.to_json().encode(), durable=True)
 
 
 def read_spec(directory: str | os.PathLike) -> ShardSpec:

@@ -26,8 +26,9 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from visaudio_jax import files
 from visaudio_jax.data.schema import SPEC_FILE, ShardSpec, encode_example, read_spec, write_spec
-from visaudio_jax.data.tfrecord import StaleIndexError, TFRecordWriter, load_index, write_atomic
+from visaudio_jax.data.tfrecord import StaleIndexError, TFRecordWriter, index_path, load_index
 
 __all__ = ['ShardedWriter', 'write_split', 'shard_name', 'read_manifest', 'shard_paths']
 
@@ -76,7 +77,7 @@ def _write_manifest(directory: Path, split: str, examples_per_shard: int, paths:
   manifest = {'format': _MANIFEST_FORMAT, 'split': split, 'num_examples': ranges[-1].stop,
               'examples_per_shard': examples_per_shard,
               'shards': [{'file': p.name, 'num_examples': len(r)} for p, r in zip(paths, ranges)]}
-  write_atomic(_manifest_path(directory, split), json.dumps(manifest, indent=1).encode())
+  files.write_bytes(_manifest_path(directory, split), json.dumps(manifest, indent=1).encode(), durable=True)
 
 
 def read_manifest(directory: str | os.PathLike, split: str) -> dict:
@@ -176,7 +177,7 @@ def write_split(directory: str | os.PathLike, split: str, spec: ShardSpec,
     if _complete(path, len(indices)):
       log.info('keeping complete shard %s', path)
       continue
-    for stale in path.parent.glob(f'.{path.name}.*.tmp'):  # left by a killed run
+    for stale in files.stale_temps(path) + files.stale_temps(index_path(path)):  # left by a killed run
       stale.unlink(missing_ok=True)
     if items is not None:  # skip the items of the kept shards before this one
       next(itertools.islice(items, indices.start - taken, indices.start - taken), None)

@@ -22,16 +22,16 @@ import logging
 import os
 import struct
 import threading
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import google_crc32c
 import numpy as np
 
+from visaudio_jax import files
+
 __all__ = ['CorruptRecordError', 'StaleIndexError', 'ShardIndex', 'TFRecordWriter', 'RecordIterator',
-           'ShardReader', 'read_records', 'build_index', 'load_index', 'index_path', 'masked_crc32c',
-           'write_atomic']
+           'ShardReader', 'read_records', 'build_index', 'load_index', 'index_path', 'masked_crc32c']
 
 log = logging.getLogger(__name__)
 
@@ -70,32 +70,6 @@ def masked_crc32c(data: bytes) -> int:
 def index_path(path: str | os.PathLike) -> Path:
   path = Path(path)
   return path.with_name(path.name + '.index')
-
-
-def _temp_path(path: Path) -> Path:
-  """A unique hidden sibling of `path`: same filesystem, so the final rename is atomic."""
-  return path.with_name(f'.{path.name}.{uuid.uuid4().hex}.tmp')
-
-
-def _commit(tmp: Path, path: Path) -> None:
-  """Make `tmp` durable, then move it to `path` in one step (readers see all or nothing)."""
-  fd = os.open(tmp, os.O_RDONLY)
-  try:
-    os.fsync(fd)
-  finally:
-    os.close(fd)
-  os.replace(tmp, path)
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-  """Writes `path` via a temp file and a rename: a failure leaves no partial file."""
-  tmp = _temp_path(path)
-  try:
-    tmp.write_bytes(data)
-    _commit(tmp, path)
-  except BaseException:
-    tmp.unlink(missing_ok=True)
-    raise
 
 
 class ShardIndex:
@@ -165,7 +139,7 @@ class TFRecordWriter:
 
   def __init__(self, path: str | os.PathLike):
     self.path = Path(path)
-    self._tmp = _temp_path(self.path)
+    self._tmp = files.temp_sibling(self.path)
     self._file = open(self._tmp, 'xb')
     self._offsets: list[int] = []
     self._lengths: list[int] = []
@@ -203,8 +177,8 @@ class TFRecordWriter:
     index = ShardIndex(self._offsets, self._lengths, self._size, self._frames_crc)
     try:
       self._file.close()
-      write_atomic(index_path(self.path), index.to_bytes())
-      _commit(self._tmp, self.path)
+      files.write_bytes(index_path(self.path), index.to_bytes(), durable=True)
+      files.commit(self._tmp, self.path, durable=True)
     except BaseException:
       self.abort()
       raise
@@ -276,7 +250,7 @@ def build_index(path: str | os.PathLike, *, write: bool = True) -> ShardIndex:
   with open(path, 'rb') as f:
     index = ShardIndex(offsets, lengths, os.fstat(f.fileno()).st_size, _frames_crc(f.fileno(), offsets, lengths))
   if write:
-    write_atomic(index_path(path), index.to_bytes())
+    files.write_bytes(index_path(path), index.to_bytes(), durable=True)
   return index
 
 

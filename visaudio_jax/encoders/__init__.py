@@ -3,8 +3,8 @@
 The entry points below live in `features.py` and load lazily, so importing one encoder module does
 not import all of them.
 """
-_FEATURES_API = ('ENCODER_PRESETS', 'EncodersConfig', 'decode_video', 'encoders_config', 'encoders_from_config',
-                 'extract', 'init_encoders', 'load_encoders')
+_FEATURES_API = ('ENCODER_PRESETS', 'EncodersConfig', 'decode_video', 'encoders_config', 'extract',
+                 'init_encoders')
 __all__ = list(_FEATURES_API)
 
 

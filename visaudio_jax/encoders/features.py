@@ -71,35 +71,6 @@ def init_encoders(cfg: EncodersConfig, seed: int = 0) -> dict:
   return params
 
 
-def load_encoders(cfg: EncodersConfig, clip_ckpt: str | None, sync_ckpt: str | None,
-                  pe_ckpt: str | None = None) -> tuple[EncodersConfig, dict]:
-  """Official checkpoints (open_clip DFN5B, Synchformer, PE-Spatial) -> (config, params)."""
-  from visaudio_jax.convert import encoders as convert  # convert depends on this package, not back
-
-  missing = [n for n, p in (('clip', clip_ckpt), ('sync', sync_ckpt), ('pe', pe_ckpt))
-             if not p and (n != 'pe' or cfg.pe is not None)]
-  if missing:
-    raise ValueError(f'load_encoders: no checkpoint given for {missing}')
-  clip_cfg, clip_params = convert.load_clip(clip_ckpt, cfg.clip)
-  sync_cfg, sync_params = convert.load_synchformer(sync_ckpt, cfg.sync)
-  params = {'clip': clip_params, 'sync': sync_params}
-  pe_cfg = None
-  if cfg.pe is not None:
-    pe_cfg, params['pe'] = convert.load_perception(pe_ckpt, cfg.pe)
-  return dataclasses.replace(cfg, clip=clip_cfg, sync=sync_cfg, pe=pe_cfg), params
-
-
-def encoders_from_config(block: Any, seed: int = 0) -> tuple[EncodersConfig, dict]:
-  """A config file's `encoders` block (preset, clip_ckpt, sync_ckpt, pe_ckpt) -> (config, params):
-  the official checkpoints when given, else the seeded weights of the 'tiny' preset."""
-  cfg = encoders_config(block.preset)
-  if block.clip_ckpt or block.sync_ckpt or block.pe_ckpt:
-    return load_encoders(cfg, block.clip_ckpt, block.sync_ckpt, block.pe_ckpt or None)
-  if block.preset == 'tiny':
-    return cfg, init_encoders(cfg, seed)
-  raise ValueError(f'encoders preset {block.preset!r} needs encoders.clip_ckpt, sync_ckpt and pe_ckpt')
-
-
 def decode_video(path: str | os.PathLike, cfg: EncodersConfig, duration_s: float, pad: bool = False
                  ) -> dict[str, np.ndarray]:
   """One decode of `path` -> uint8 (T, H, W, 3) frames at each encoder's rate (MMAudio's rule)."""

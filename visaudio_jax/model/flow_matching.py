@@ -66,6 +66,11 @@ def per_sample_loss(pred_v: Array, x0: Array, x1: Array, min_sigma: float = 0.0,
   return jnp.square(err).mean(axis=tuple(range(1, err.ndim)))
 
 
+def flow_config(block) -> FlowMatchingConfig:
+  """A config file's `flow` block -> the frozen config the jitted functions take."""
+  return FlowMatchingConfig(**dict(block))
+
+
 def correlate_ears(x0: Array, correlation: float) -> Array:
   """Standard normal (B, E=2, N, C) -> each ear still N(0, I), the ears correlated by `correlation`
   (symmetrically: L, R = a z1 +- b z2 with a^2 + b^2 = 1, a^2 - b^2 = correlation). Identity at 0 and

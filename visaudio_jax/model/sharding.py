@@ -1,7 +1,7 @@
 """One mesh ('data', 'fsdp', 'tensor'), logical axis names everywhere, rules from the config.
 
-Params are created directly in their final sharding (`jax.jit` of the init with out_shardings, from
-an abstract `jax.eval_shape` pass), so no full copy of the params ever sits on one device.
+Params are created directly in their final sharding (`train/state.py`: `jax.jit` of the init with
+out_shardings, from an abstract `jax.eval_shape` pass), so no full copy ever sits on one device.
 """
 from __future__ import annotations
 
@@ -14,8 +14,6 @@ from jax.sharding import AxisType, NamedSharding
 
 from visaudio_jax.model.config import NetworkConfig
 from visaudio_jax.model.network import init_variables
-
-Rules = Sequence[tuple[str, str | Sequence[str] | None]]
 
 
 def make_mesh(shape: Sequence[int], axes: Sequence[str] = ('data', 'fsdp', 'tensor'),
@@ -37,18 +35,6 @@ def make_mesh(shape: Sequence[int], axes: Sequence[str] = ('data', 'fsdp', 'tens
 def logical_specs(cfg: NetworkConfig):
   """PartitionSpecs of logical axis names for every param (abstract; nothing allocated)."""
   return nn.get_partition_spec(jax.eval_shape(lambda: init_variables(cfg)))
-
-
-def param_shardings(cfg: NetworkConfig, mesh: jax.sharding.Mesh, rules: Rules):
-  return nn.logical_to_mesh_sharding(logical_specs(cfg), mesh, [tuple(r) for r in rules])
-
-
-def init_sharded(cfg: NetworkConfig, mesh: jax.sharding.Mesh, rules: Rules, seed: int = 0):
-  """Fresh params created in place on the mesh, unboxed."""
-  shardings = param_shardings(cfg, mesh, rules)
-  with jax.set_mesh(mesh), nn.logical_axis_rules([tuple(r) for r in rules]):
-    boxed = jax.jit(lambda: init_variables(cfg, seed), out_shardings=shardings)()
-  return nn.meta.unbox(boxed)
 
 
 def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:

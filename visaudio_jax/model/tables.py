@@ -21,6 +21,13 @@ ROPE_THETA = 10000.0
 _REFERENCE_FILE = pathlib.Path(__file__).parent / 'data' / 'mmaudio_reference_tables.safetensors'
 
 
+def _powf(base: float, exponent: np.ndarray) -> np.ndarray:
+  """float32 base ** exponent, correctly rounded: computed in float64, then rounded. NumPy's own
+  float32 power dispatches by CPU (its AVX-512 loop is 1 ulp off libm on some inputs, which moves
+  late RoPE angles by 2e-6), so the tables would depend on the machine that builds them."""
+  return (np.float64(np.float32(base)) ** exponent.astype(np.float64)).astype(np.float32)
+
+
 @functools.cache
 def _reference_tables() -> dict[str, np.ndarray]:
   return safetensors.numpy.load_file(str(_REFERENCE_FILE))
@@ -36,7 +43,7 @@ def rope_rotations(length: int, head_dim: int, freq_scaling: float = 1.0) -> np.
   if ref is not None:
     return ref
   exponent = np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)
-  freqs = np.float32(1.0) / (np.float32(ROPE_THETA) ** exponent)
+  freqs = np.float32(1.0) / _powf(ROPE_THETA, exponent)
   freqs = (freqs * np.float32(freq_scaling)).astype(np.float32)
   angle = (np.arange(length, dtype=np.float32)[:, None] * freqs[None]).astype(np.float32)
   cos = np.cos(angle.astype(np.float64)).astype(np.float32)
@@ -64,7 +71,7 @@ def timestep_frequencies(freq_dim: int, max_period: float) -> np.ndarray:
   if freq_dim == 896 and max_period == 1:
     return tables['t_embed_freqs_v2_hidden896']
   exponent = np.arange(0, freq_dim, 2, dtype=np.float32) / np.float32(freq_dim)
-  freqs = np.float32(1.0) / (np.float32(10000.0) ** exponent)
+  freqs = np.float32(1.0) / _powf(10000.0, exponent)
   return (np.float32(10000.0 / max_period) * freqs).astype(np.float32)
 
 

@@ -32,8 +32,13 @@ import re
 import time
 from typing import Any
 
+import flax.linen as nn
 import jax
 import ml_collections
+
+from visaudio_jax import tools
+from visaudio_jax.model import sharding
+from visaudio_jax.train import metrics, state, trainer
 
 GiB = 2**30
 
@@ -156,11 +161,6 @@ def compile_for_topology(config: ml_collections.ConfigDict, topology: str, globa
   The batch defaults to the config's `train.global_batch_size`; `per_chip_batch` sets it to that
   many examples per data x fsdp chip. Raises ValueError when the batch does not split over the mesh.
   """
-  import flax.linen as nn
-
-  from visaudio_jax.model import sharding
-  from visaudio_jax.train import metrics, state, trainer
-
   if global_batch is not None and per_chip_batch is not None:
     raise ValueError('give global_batch or per_chip_batch, not both')
   chip, dims = parse_topology(topology)
@@ -198,13 +198,13 @@ def compile_for_topology(config: ml_collections.ConfigDict, topology: str, globa
   if isinstance(cost, (list, tuple)):  # older jax: one dict per computation
     cost = cost[0] if cost else {}
   n = len(devices)
-  analytic = metrics.train_flops_per_example(program.cfg) * batch / n
+  analytic = metrics.train_flops_per_example(program.net) * batch / n
   xla_flops = float(cost.get('flops', float('nan')))
   out = {
       'topology': topology, 'num_slices': num_slices, 'chips': n, 'device_kind': devices[0].device_kind,
       'mesh': dict(mesh.shape), 'global_batch': batch, 'per_chip_batch': batch / batch_chips,
-      'preset': config.preset, 'dtype': program.cfg.dtype, 'remat_policy': program.cfg.remat_policy,
-      'scan_layers': program.cfg.scan_layers, 'grad_accum_steps': int(config.train.grad_accum_steps),
+      'preset': config.preset, 'dtype': program.net.dtype, 'remat_policy': program.net.remat_policy,
+      'scan_layers': program.net.scan_layers, 'grad_accum_steps': int(config.train.grad_accum_steps),
       'params': sum(math.prod(x.shape) for x in jax.tree.leaves(program.abstract_state.params)),
       'state_bytes_per_chip': _shard_bytes(target), 'batch_bytes_per_chip': _shard_bytes(abstract_batch),
       'argument_bytes': mem.argument_size_in_bytes, 'output_bytes': mem.output_size_in_bytes,
@@ -290,9 +290,4 @@ def _define_flags():
 
 
 if __name__ == '__main__':
-  # Only the compile-only TPU devices are used: keep JAX's own backend on the CPU (no TPU probing).
-  if 'JAX_PLATFORMS' not in os.environ:
-    jax.config.update('jax_platforms', 'cpu')
-  from absl import app
-  _define_flags()
-  app.run(main)
+  tools.run_on_host_cpu(main, _define_flags)

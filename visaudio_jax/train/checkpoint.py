@@ -86,20 +86,20 @@ def restore_params(directory: str | os.PathLike, abstract_params: Any) -> Any:
   directory = os.path.abspath(directory)
   if os.path.isdir(os.path.join(directory, 'checkpoints')):
     directory = os.path.join(directory, 'checkpoints')
-  with ocp.CheckpointManager(directory, item_names=ITEMS,
-                             item_handlers={'state': ocp.StandardCheckpointHandler()},
+  # A partial restore (params only, no optimiser state) goes through the PyTree handler.
+  with ocp.CheckpointManager(directory, item_names=ITEMS, item_handlers={'state': ocp.PyTreeCheckpointHandler()},
                              options=ocp.CheckpointManagerOptions(read_only=True)) as manager:
     step = manager.latest_step()
     if step is None:
       raise FileNotFoundError(f'init_from={directory!r}: no checkpoint there')
-    stored = manager.item_metadata(step).state
-    params_meta = stored['params'] if isinstance(stored, dict) else stored.params
+    stored = manager.item_metadata(step).state.tree
+    if 'params' not in stored:
+      raise ValueError(f'init_from={directory!r} step {step}: its state holds no params ({sorted(stored)})')
     target = {'params': abstract_params}
     try:
       restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
           item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
           partial_restore=True)))
     except (ValueError, KeyError) as e:
-      raise ValueError(f'init_from={directory!r} step {step}: its params do not fit this config '
-                       f'({type(params_meta).__name__} stored): {e}') from e
+      raise ValueError(f'init_from={directory!r} step {step}: its params do not fit this config: {e}') from e
     return restored.state['params']

@@ -23,6 +23,7 @@ clip scales by max_norm / norm where torch's `clip_grad_norm_` uses max_norm / (
 """
 from __future__ import annotations
 
+import dataclasses
 import re
 from typing import Any, Sequence
 
@@ -69,6 +70,24 @@ def default_ema_config() -> ml_collections.ConfigDict:
       snapshot_every=5000,  # power-EMA snapshots for post-hoc synthesis, in EMA updates (checkpoint_every)
       output_sigma_rel=0.05,  # what is synthesised after training (default_output_sigma)
   ))
+
+
+@dataclasses.dataclass(frozen=True)
+class EMAConfig:
+  """The `ema` block as the jitted step takes it: frozen and hashable (the EMA functions read the same
+  attribute names from either)."""
+  sigma_rels: tuple[float, ...]
+  decays: tuple[float, ...]
+  step_size_correction: bool
+  update_every: int
+  start: int
+  snapshot_every: int
+  output_sigma_rel: float
+
+  @classmethod
+  def from_block(cls, block: ml_collections.ConfigDict) -> 'EMAConfig':
+    fields = {f.name: block[f.name] for f in dataclasses.fields(cls)}
+    return cls(**{**fields, 'sigma_rels': tuple(block.sigma_rels), 'decays': tuple(block.decays)})
 
 
 # --------------------------------------------------------------------------------------------------

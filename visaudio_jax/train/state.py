@@ -15,7 +15,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
-from jax.sharding import NamedSharding
 
 from visaudio_jax.model.config import NetworkConfig
 from visaudio_jax.model.network import init_variables
@@ -62,13 +61,13 @@ def _follow_params(tree: PyTree, param_specs: PyTree) -> PyTree:
   return jax.tree_util.tree_map_with_path(spec, tree)
 
 
-def abstract_state(cfg: NetworkConfig, config: ml_collections.ConfigDict, tx: optax.GradientTransformation):
+def abstract_state(net: NetworkConfig, config: ml_collections.ConfigDict, tx: optax.GradientTransformation):
   """(abstract TrainState, logical PartitionSpecs of every leaf)."""
-  params, param_specs = _param_specs(cfg)
+  params, param_specs = _param_specs(net)
 
   def build(params):
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                      ema=optim.ema_init(params, config.ema), rng=jnp.zeros((2,), jnp.uint32))
+                      ema=optim.ema_init(params, optim.EMAConfig.from_block(config.ema)), rng=jnp.zeros((2,), jnp.uint32))
 
   state = jax.eval_shape(build, params)
   specs = TrainState(step=jax.P(), params=param_specs, opt_state=_follow_params(state.opt_state, param_specs),
@@ -85,7 +84,7 @@ def with_shardings(abstract: PyTree, shardings: PyTree) -> PyTree:
   return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
 
 
-def create_state(cfg: NetworkConfig, config: ml_collections.ConfigDict, tx: optax.GradientTransformation,
+def create_state(net: NetworkConfig, config: ml_collections.ConfigDict, tx: optax.GradientTransformation,
                  shardings: PyTree, mesh: jax.sharding.Mesh,
                  params_fn: Callable[[], PyTree] | None = None) -> TrainState:
   """A fresh state made in place on the mesh. `params_fn` (traced inside the jit) supplies starting
@@ -93,10 +92,10 @@ def create_state(cfg: NetworkConfig, config: ml_collections.ConfigDict, tx: opta
   seed = int(config.seed)
 
   def build():
-    params = params_fn() if params_fn is not None else nn.meta.unbox(init_variables(cfg, seed))['params']
+    params = params_fn() if params_fn is not None else nn.meta.unbox(init_variables(net, seed))['params']
     params = jax.tree.map(lambda p: p.astype(jnp.float32), params)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                      ema=optim.ema_init(params, config.ema),
+                      ema=optim.ema_init(params, optim.EMAConfig.from_block(config.ema)),
                       rng=jax.random.key_data(jax.random.key(int(config.train.seed))))
 
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules_of(config)):
@@ -112,6 +111,3 @@ def check_batch_fits_mesh(global_batch: int, mesh: jax.sharding.Mesh, accum_step
         f'each divisible by the data x fsdp devices of mesh {dict(mesh.shape)} ({shards}); e.g. '
         f'{accum_steps * shards * max(1, global_batch // (accum_steps * shards))}')
 
-
-def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
-  return NamedSharding(mesh, jax.P(('data', 'fsdp')))

@@ -6,6 +6,7 @@ uninterrupted one would have, whatever the device count.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any
 
@@ -21,6 +22,8 @@ from visaudio_jax.train import optim
 from visaudio_jax.train.state import TrainState, rules_of
 
 Batch = dict[str, jax.Array]
+# The shard fields a train or validation step reads (ids, captions, audio stay on the host).
+BATCH_FIELDS = ('clip_f', 'sync_f', 'text_f', 'pe_f', 'latent_mean', 'latent_std')
 # Per-t-bucket losses: the loss is very different near noise (t = 0) and near data (t = 1).
 T_BUCKETS = 4
 
@@ -49,7 +52,7 @@ def _loss_and_grads(model: FlowNetwork, flow: fm.FlowMatchingConfig, params, bat
 
 
 def train_step(state: TrainState, batch: Batch, *, model: FlowNetwork, flow: fm.FlowMatchingConfig,
-               tx: optax.GradientTransformation, schedule: optax.Schedule, ema_config: ml_collections.ConfigDict,
+               tx: optax.GradientTransformation, schedule: optax.Schedule, ema_config: optim.EMAConfig,
                accum_steps: int = 1) -> tuple[TrainState, dict[str, jax.Array]]:
   """Pure: (state, global batch) -> (next state, metrics). With `accum_steps` > 1 the batch is cut
   into that many micro-batches whose mean gradient makes one update (memory / accum_steps)."""
@@ -84,7 +87,7 @@ def validation_loss(params, batch: Batch, key: jax.Array, *, model: FlowNetwork,
                     flow: fm.FlowMatchingConfig) -> dict[str, jax.Array]:
   """The training objective on a fixed batch with a fixed key (comparable across evaluations),
   without condition dropout."""
-  flow = fm.FlowMatchingConfig(**{**flow.__dict__, 'null_video_prob': 0.0, 'null_text_prob': 0.0})
+  flow = dataclasses.replace(flow, null_video_prob=0.0, null_text_prob=0.0)
   loss, aux = fm.training_loss(model, {'params': params}, batch, key, flow)
   bucket = jnp.minimum((aux['t'] * T_BUCKETS).astype(jnp.int32), T_BUCKETS - 1)
   return {'loss': loss, 't_bucket_loss_sum': jax.ops.segment_sum(aux['loss_per_sample'], bucket, T_BUCKETS),
@@ -102,13 +105,14 @@ def _with_rules(fn, mesh, rules):
 def jit_train_step(config: ml_collections.ConfigDict, model: FlowNetwork, tx, schedule, shardings: Any,
                    batch_sharding, mesh) -> Any:
   """The jitted step: state donated, state shardings in and out, batch over ('data', 'fsdp')."""
-  step = functools.partial(train_step, model=model, flow=fm.FlowMatchingConfig(**config.flow.to_dict()), tx=tx,
-                           schedule=schedule, ema_config=config.ema, accum_steps=int(config.train.grad_accum_steps))
+  step = functools.partial(train_step, model=model, flow=fm.flow_config(config.flow), tx=tx, schedule=schedule,
+                           ema_config=optim.EMAConfig.from_block(config.ema),
+                           accum_steps=int(config.train.grad_accum_steps))
   jitted = jax.jit(step, in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None),
                    donate_argnums=(0,))
   return _with_rules(jitted, mesh, rules_of(config)), jitted
 
 
 def jit_validation_loss(config: ml_collections.ConfigDict, model: FlowNetwork, param_shardings, batch_sharding, mesh):
-  fn = functools.partial(validation_loss, model=model, flow=fm.FlowMatchingConfig(**config.flow.to_dict()))
+  fn = functools.partial(validation_loss, model=model, flow=fm.flow_config(config.flow))
   return _with_rules(jax.jit(fn, in_shardings=(param_shardings, batch_sharding, None)), mesh, rules_of(config))

@@ -22,23 +22,27 @@ import numpy as np
 import optax
 from jax.experimental import multihost_utils
 
-from visaudio_jax.data import loader
+from clu import metric_writers
+from tqdm import tqdm
+
+from visaudio_jax import components
+from visaudio_jax.data import loader, synthetic
 from visaudio_jax.data.schema import ShardSpec, read_spec
+from visaudio_jax.files import write_json, write_text
 from visaudio_jax.model import sharding
 from visaudio_jax.model.config import NetworkConfig, network_config
 from visaudio_jax.model.network import FlowNetwork, feature_shapes
-from visaudio_jax.train import checkpoint, metrics, optim
+from visaudio_jax.train import checkpoint, evaluators, metrics, optim
 from visaudio_jax.train import state as state_lib
 from visaudio_jax.train import step as step_lib
-
-TRAIN_FIELDS = ('clip_f', 'sync_f', 'text_f', 'pe_f', 'latent_mean', 'latent_std')
+from visaudio_jax.train.step import BATCH_FIELDS
 
 
 @dataclasses.dataclass
 class Program:
   """Everything the loop (and the AOT tool) needs, built once from the config and a mesh."""
   config: ml_collections.ConfigDict
-  cfg: NetworkConfig
+  net: NetworkConfig
   model: FlowNetwork
   mesh: jax.sharding.Mesh
   tx: optax.GradientTransformation
@@ -53,7 +57,7 @@ class Program:
   def abstract_batch(self, global_batch: int | None = None) -> dict[str, jax.ShapeDtypeStruct]:
     """The training batch's shapes, laid out over ('data', 'fsdp')."""
     b = global_batch or int(self.config.train.global_batch_size)
-    shapes = feature_shapes(self.cfg)
+    shapes = feature_shapes(self.net)
     shapes['latent_mean'] = shapes['latent_std'] = shapes.pop('latent')
     return {k: jax.ShapeDtypeStruct((b,) + s, jnp.float32, sharding=self.batch_sharding) for k, s in shapes.items()}
 
@@ -62,17 +66,17 @@ class Program:
 
 
 def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = None) -> Program:
-  cfg = network_config(config.model)
+  net = network_config(config.model)
   mesh = mesh or sharding.make_mesh(config.mesh.shape, config.mesh.axes)
   state_lib.check_batch_fits_mesh(int(config.train.global_batch_size), mesh, int(config.train.grad_accum_steps))
-  model = FlowNetwork(cfg)
+  model = FlowNetwork(net)
   tx, schedule = optim.make_optimizer(config.optim), optim.learning_rate_schedule(config.optim)
-  abstract, specs = state_lib.abstract_state(cfg, config, tx)
+  abstract, specs = state_lib.abstract_state(net, config, tx)
   shardings = state_lib.state_shardings(specs, mesh, config.logical_axis_rules)
-  batch_sharding = state_lib.batch_sharding(mesh)
+  batch_sharding = sharding.batch_sharding(mesh)
   train_step, jitted = step_lib.jit_train_step(config, model, tx, schedule, shardings, batch_sharding, mesh)
   val = step_lib.jit_validation_loss(config, model, shardings.params, batch_sharding, mesh)
-  return Program(config, cfg, model, mesh, tx, schedule, abstract, shardings, batch_sharding, train_step, jitted, val)
+  return Program(config, net, model, mesh, tx, schedule, abstract, shardings, batch_sharding, train_step, jitted, val)
 
 
 # ---- start-up ------------------------------------------------------------------------------------
@@ -87,10 +91,9 @@ def initial_params_fn(program: Program) -> Callable[[], Any] | None:
     target = state_lib.with_shardings(program.abstract_state.params, program.shardings.params)
     params = checkpoint.restore_params(source, target)
   else:
-    from visaudio_jax.eval.sampling import load_params  # the importer path sample.py uses
-    cfg, variables = load_params(program.config, source)
-    if cfg != program.cfg:
-      raise ValueError(f'init_from={source!r} gives network {cfg}, the config asks for {program.cfg}')
+    net, variables = components.network_params(program.config, source)
+    if net != program.net:
+      raise ValueError(f'init_from={source!r} gives network {net}, the config asks for {program.net}')
     params = variables['params']
   return lambda: params
 
@@ -103,14 +106,14 @@ def start_state(program: Program, manager, data_iter) -> tuple[state_lib.TrainSt
     state = checkpoint.restore(manager, latest, program.restore_target(), data_iter)
     return state, int(latest), f'resumed from step {latest}'
   params_fn = initial_params_fn(program)
-  state = state_lib.create_state(program.cfg, program.config, program.tx, program.shardings, program.mesh,
+  state = state_lib.create_state(program.net, program.config, program.tx, program.shardings, program.mesh,
                                  params_fn)
   return state, 0, f'init_from {program.config.train.init_from}' if params_fn else 'from scratch'
 
 
-def check_data(spec: ShardSpec, cfg: NetworkConfig, where: str) -> None:
+def check_data(spec: ShardSpec, net: NetworkConfig, where: str) -> None:
   """The shards must hold exactly the network's inputs."""
-  want = ShardSpec.from_network(cfg)
+  want = ShardSpec.from_network(net)
   for name in ('clip_f', 'sync_f', 'text_f', 'latent', 'pe_f'):
     if getattr(want, name) is not None and getattr(spec, name) != getattr(want, name):
       raise ValueError(f'{where}: {name} has shape {getattr(spec, name)}, the model config needs '
@@ -133,29 +136,7 @@ def write_run_config(workdir: str, config: ml_collections.ConfigDict) -> None:
             'devices': [str(d) for d in jax.devices()[:8]], 'device_count': jax.device_count(),
             'process_count': jax.process_count()}
   os.makedirs(workdir, exist_ok=True)
-  tmp = os.path.join(workdir, f'.config.json.{os.getpid()}')
-  with open(tmp, 'w') as f:
-    json.dump(record, f, indent=1, default=str)
-  os.replace(tmp, os.path.join(workdir, 'config.json'))
-
-
-# ---- evaluation during training ------------------------------------------------------------------
-
-def eval_batches(config: ml_collections.ConfigDict, batch_size: int, count: int) -> list[dict]:
-  """The first `count` batches of the eval split, unshuffled: the same examples every evaluation."""
-  directory = os.path.join(config.data.dir, config.data.eval_split)
-  it = iter(loader.make_dataset(directory, config.data.eval_split, None, batch_size, 0, shuffle=False,
-                                num_epochs=None))
-  return [next(it) for _ in range(count)]
-
-
-def validation_loss(program: Program, params, batches: list[dict]) -> dict[str, float]:
-  key = jax.random.key(0)  # fixed: comparable across evaluations
-  history = []
-  for i, batch in enumerate(batches):
-    arrays = loader.to_global_arrays({k: batch[k] for k in TRAIN_FIELDS if k in batch}, program.batch_sharding)
-    history.append(jax.device_get(program.validation_loss(params, arrays, jax.random.fold_in(key, i))))
-  return {f'val_{k}': v for k, v in metrics.summarize(history).items()}
+  write_json(os.path.join(workdir, 'config.json'), record)
 
 
 # ---- the loop ------------------------------------------------------------------------------------
@@ -165,8 +146,8 @@ class NonFiniteLoss(RuntimeError):
 
 
 class StepLog:
-  """<workdir>/train_log.jsonl, one line per step (loss, grad norm, lr; optionally the clip ids), on
-  process 0. A resumed run first drops the lines past its checkpoint, so the file always reads as one
+  """<workdir>/train_log.jsonl (`train.step_log`), one line per step (loss, grad norm, lr, the clip
+  ids), on process 0. A resumed run first drops the lines past its checkpoint, so the file always reads as one
   uninterrupted run."""
 
   def __init__(self, path: str, start: int):
@@ -177,61 +158,99 @@ class StepLog:
     if os.path.exists(path):
       with open(path) as f:
         kept = [line for line in f if line.strip() and json.loads(line)['step'] <= start]
-    tmp = f'{path}.{os.getpid()}'
-    with open(tmp, 'w') as f:
-      f.writelines(kept)
-    os.replace(tmp, path)
+    write_text(path, ''.join(kept))
     self._file = open(path, 'a')
 
-  def write(self, step: int, host: dict, ids=None) -> None:
+  def write(self, step: int, host: dict, ids) -> None:
     if self._file is None:
       return
     record = {'step': step, **{k: float(host[k]) for k in ('loss', 'grad_norm', 'learning_rate')}}
-    if ids is not None:
-      record['ids'] = [i.decode() if isinstance(i, bytes) else str(i) for i in np.asarray(ids).tolist()]
+    record['ids'] = [i.decode() if isinstance(i, bytes) else str(i) for i in np.asarray(ids).tolist()]
     self._file.write(json.dumps(record) + '\n')
-    self._file.flush()
+
+  def flush(self) -> None:
+    if self._file is not None:
+      self._file.flush()
 
   def close(self) -> None:
     if self._file is not None:
       self._file.close()
 
 
+class PendingMetrics:
+  """The steps' device metrics since the last fetch. Fetching every step would make the host wait for
+  the device each step; they are fetched on log steps and before anything that must see them (a
+  checkpoint: no checkpoint is written after a non-finite loss; an evaluation), so the device runs
+  ahead of the host in between (big_vision)."""
+
+  def __init__(self, log: StepLog | None, on_step: Callable[[int, dict], None] | None, manager):
+    self._log, self._on_step, self._manager = log, on_step, manager
+    self._pending: list[tuple[int, dict, Any]] = []
+
+  def add(self, step: int, device_metrics: dict, ids) -> None:
+    self._pending.append((step, device_metrics, ids))
+
+  def fetch(self) -> list[dict]:
+    """Host copies of the pending metrics, checked finite, logged; raises NonFiniteLoss."""
+    host = jax.device_get([m for _, m, _ in self._pending])
+    for (step, _, ids), values in zip(self._pending, host):
+      if not np.isfinite(values['loss']):
+        raise NonFiniteLoss(f'loss is {values["loss"]} at step {step}; stopping. The last good checkpoint '
+                            f'(step {self._manager.latest_step()}) is kept; resuming restarts from it')
+      if self._log is not None:
+        self._log.write(step, values, ids)
+      if self._on_step:
+        self._on_step(step, values)
+    if self._log is not None:
+      self._log.flush()
+    self._pending = []
+    return host
+
+
+def _scalars(prefix: str, result: dict) -> dict[str, float]:
+  """The numbers of an evaluator's (nested) result, flattened to TensorBoard names."""
+  out = {}
+  for key, value in result.items():
+    if isinstance(value, dict):
+      out.update(_scalars(f'{prefix}/{key}', value))
+    elif isinstance(value, (int, float, np.number)) and not isinstance(value, bool):
+      out[f'{prefix}/{key}'] = float(value)
+  return out
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        on_step: Callable[[int, dict], None] | None = None) -> dict:
-  """Train until `train.num_steps` (or SIGTERM / preemption, after a checkpoint). Returns a summary.
-  `on_step(step, metrics)` is called on the host after every step (tests, tools)."""
-  from clu import metric_writers  # imports TensorFlow: only the training process pays for it
-  from tqdm import tqdm
-
-  from visaudio_jax.train import sampling_eval
-
+  """Train until `train.num_steps` (or SIGTERM / preemption, after a checkpoint), running the config's
+  evaluators on their cadence. Returns a summary: how the run started and stopped, each final
+  evaluator's result under `evals`, and the lines they want printed under `report`.
+  `on_step(step, metrics)` is called on the host for every step, at each fetch (tests, tools)."""
   workdir = os.path.abspath(workdir)
   if config.train.compilation_cache_dir:
     jax.config.update('jax_compilation_cache_dir', os.path.expanduser(config.train.compilation_cache_dir))
+  synthetic.ensure_demo_data(config)  # the data step the config asks for (the CPU demo's BiAudio-mini)
   write_run_config(workdir, config)
   train_dir = os.path.join(config.data.dir, config.data.train_split)
   program = build(config)
-  check_data(read_spec(train_dir), program.cfg, train_dir)
+  check_data(read_spec(train_dir), program.net, train_dir)
   data_iter = iter(loader.make_dataset(train_dir, config.data.train_split, None, int(config.train.global_batch_size),
                                        int(config.train.seed), worker_count=int(config.data.worker_count),
                                        skip_corrupt=bool(config.data.skip_corrupt)))
   manager = checkpoint.make_manager(workdir, config)
   state, start, how = start_state(program, manager, data_iter)
-  final_eval = int(config.eval.final_num_samples) > 0
-  # The final check's untrained baseline; re-creating it at the end costs another init compile.
-  untrained_params = jax.device_get(state.params) if final_eval and how == 'from scratch' else None
   num_steps = int(config.train.num_steps)
   writer = metric_writers.create_default_writer(os.path.join(workdir, 'tensorboard'),
                                                 just_logging=jax.process_index() > 0, asynchronous=True)
   if start == 0:
     writer.write_hparams({k: v for k, v in config.to_dict().items() if isinstance(v, (int, float, str, bool))})
+  evals = evaluators.from_config(config.evals, program, workdir, writer)
+  for scheduled in evals.values():
+    scheduled.evaluator.start(state, how)
   logging.info('%s; %d params; mesh %s', how, sum(x.size for x in jax.tree.leaves(state.params)),
                dict(program.mesh.shape))
   watch = checkpoint.PreemptionWatch()
-  val_batches = None
-  audio_seconds = program.cfg.duration_s
-  log = StepLog(os.path.join(workdir, 'train_log.jsonl'), start)
+  log_every, batch_size = int(config.train.log_every), int(config.train.global_batch_size)
+  log = StepLog(os.path.join(workdir, 'train_log.jsonl'), start) if config.train.step_log else None
+  pending = PendingMetrics(log, on_step, manager)
   bar = tqdm(total=num_steps, initial=start, disable=jax.process_index() > 0, desc='train', unit='step')
   history, window_start, step = [], time.perf_counter(), start
   stopped_by = 'num_steps'
@@ -239,50 +258,50 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     while step < num_steps:
       with jax.profiler.StepTraceAnnotation('train', step_num=step):
         local = next(data_iter)
-        batch = loader.to_global_arrays({k: v for k, v in local.items() if k in TRAIN_FIELDS},
+        batch = loader.to_global_arrays({k: v for k, v in local.items() if k in BATCH_FIELDS},
                                         program.batch_sharding)
         state, step_metrics = program.train_step(state, batch)
       step += 1
-      host = jax.device_get(step_metrics)
-      if not np.isfinite(host['loss']):
-        raise NonFiniteLoss(f'loss is {host["loss"]} at step {step}; stopping. The last good checkpoint '
-                            f'(step {manager.latest_step()}) is kept; resuming restarts from it')
-      log.write(step, host, local['id'] if config.train.log_batch_ids else None)
-      history.append(host)
-      if on_step:
-        on_step(step, host)
+      pending.add(step, step_metrics, local['id'] if log is not None else None)
       bar.update(1)
-      if step % int(config.train.log_every) == 0 or step == num_steps:
+      preempted = watch.requested(manager, step)
+      saving = preempted or step == num_steps or manager.should_save(step)
+      due = [name for name, e in evals.items() if e.due(step) and step < num_steps]
+      log_step = step % log_every == 0 or step == num_steps
+      if log_step or saving or due:
+        history += pending.fetch()
+      if log_step:
         seconds = (time.perf_counter() - window_start) / len(history)
         scalars = metrics.summarize(history)
-        scalars.update(metrics.throughput(program.cfg, int(config.train.global_batch_size), seconds, audio_seconds))
+        scalars.update(metrics.throughput(program.net, batch_size, seconds, program.net.duration_s))
         scalars.update(metrics.memory(), step_time_s=seconds)
         writer.write_scalars(step, scalars)
         bar.set_postfix(loss=f'{scalars["loss"]:.4f}', lr=f'{scalars["learning_rate"]:.2e}')
         history, window_start = [], time.perf_counter()
-      if config.eval.every and (step % int(config.eval.every) == 0 or step == num_steps):
-        val_batches = val_batches or eval_batches(config, int(config.train.global_batch_size),
-                                                  int(config.eval.loss_batches))
-        writer.write_scalars(step, validation_loss(program, state.params, val_batches))
-      if config.eval.sample_every and step % int(config.eval.sample_every) == 0 and step < num_steps:
-        writer.write_scalars(step, sampling_eval.periodic(program, state, step, workdir, writer))
-      preempted = watch.requested(manager, step)
+      for name in due:
+        writer.write_scalars(step, _scalars(name, evals[name].evaluator.run(state, step)))
       checkpoint.save(manager, step, state, data_iter, config, force=preempted or step == num_steps)
       if preempted:
         stopped_by = 'preemption'
         break
   finally:
     bar.close()
-    log.close()
+    if log is not None:
+      log.close()
     manager.wait_until_finished()
     writer.flush()
     watch.close()
-  summary = {'workdir': workdir, 'start_step': start, 'final_step': step, 'stopped_by': stopped_by, 'how': how}
-  if stopped_by == 'num_steps' and final_eval:
-    summary['final_eval'] = sampling_eval.final(program, state, workdir, untrained_params)
+  summary = {'workdir': workdir, 'start_step': start, 'final_step': step, 'stopped_by': stopped_by, 'how': how,
+             'evals': {}, 'report': []}
+  if stopped_by == 'num_steps':
+    for name, scheduled in evals.items():
+      if scheduled.final:
+        result = scheduled.evaluator.run(state, step)
+        writer.write_scalars(step, _scalars(name, result))
+        summary['evals'][name] = result
+        summary['report'] += scheduled.evaluator.report(result)
+    writer.flush()
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, 'summary.json'), 'w') as f:
-      json.dump(summary, f, indent=1)
+    write_json(os.path.join(workdir, 'summary.json'), summary)
   multihost_utils.sync_global_devices('train_and_evaluate done')
   return summary
-

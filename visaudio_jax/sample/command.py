@@ -13,38 +13,18 @@ import json
 import pathlib
 import time
 
-import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
 
+from visaudio_jax import components, encoders
 from visaudio_jax.audio import codec as codec_lib
 from visaudio_jax.audio.wav import write_wav
-from visaudio_jax import encoders
-from visaudio_jax.convert import mmaudio
 from visaudio_jax.convert.torch_io import write_safetensors
+from visaudio_jax.files import write_json
 from visaudio_jax.model import flow_matching as fm
-from visaudio_jax.model.config import NetworkConfig, network_config
+from visaudio_jax.model.config import NetworkConfig
 from visaudio_jax.model.network import FlowNetwork, check_shape, feature_shapes
-
-
-def flow_config(config: ml_collections.ConfigDict) -> fm.FlowMatchingConfig:
-  return fm.FlowMatchingConfig(**config.flow.to_dict())
-
-
-def load_params(config: ml_collections.ConfigDict, mmaudio_ckpt: str | None) -> tuple[NetworkConfig, dict]:
-  """Fresh seeded params, or an MMAudio checkpoint (made binaural when the config is)."""
-  cfg = network_config(config.model)
-  if not mmaudio_ckpt:
-    return cfg, jax.tree.map(np.asarray, nn.meta.unbox(mmaudio.init_params(cfg, config.seed)))
-  mono_cfg = mmaudio.mono_config(cfg)
-  mono_cfg, params = mmaudio.load_mmaudio(mmaudio_ckpt, mono_cfg)
-  if cfg.channels == 1 and not cfg.spacetime.enabled:
-    return cfg, params
-  binaural_cfg, params = mmaudio.to_binaural(mono_cfg, params, cfg.channels, cfg.spacetime, config.seed,
-                                            branch_weights=cfg.branch_weights, joint_mode=cfg.joint_mode)
-  assert binaural_cfg == cfg, (binaural_cfg, cfg)
-  return cfg, params
 
 
 def random_features(cfg: NetworkConfig, batch: int, seed: int) -> tuple[dict, jax.Array]:
@@ -55,14 +35,14 @@ def random_features(cfg: NetworkConfig, batch: int, seed: int) -> tuple[dict, ja
   return arrays, x0
 
 
-def video_features(config: ml_collections.ConfigDict, cfg: NetworkConfig, videos: list[str],
+def video_features(config: ml_collections.ConfigDict, net: NetworkConfig, videos: list[str],
                    captions: list[str]) -> dict:
   """Decode `videos` and run the conditioning encoders: the network's feature dict (B, ...)."""
-  enc_cfg, enc_params = encoders.encoders_from_config(config.encoders, config.seed)
-  feats = encoders.extract(videos, captions, enc_cfg, enc_params, duration_s=cfg.duration_s, pad=True)
-  if not cfg.spacetime.enabled:
+  enc_cfg, enc_params = components.encoders_from_config(config.encoders, config.seed)
+  feats = encoders.extract(videos, captions, enc_cfg, enc_params, duration_s=net.duration_s, pad=True)
+  if not net.spacetime.enabled:
     feats.pop('pe_f', None)
-  for name, shape in feature_shapes(cfg).items():
+  for name, shape in feature_shapes(net).items():
     if name != 'latent':
       check_shape(f'{name} from encoders preset {config.encoders.preset!r}', feats.get(name), shape, len(videos))
   return feats
@@ -70,20 +50,20 @@ def video_features(config: ml_collections.ConfigDict, cfg: NetworkConfig, videos
 
 def run(config: ml_collections.ConfigDict, output_dir: str, mmaudio_ckpt: str | None = None,
         videos: list[str] | None = None, captions: list[str] | None = None) -> dict:
-  cfg, params = load_params(config, mmaudio_ckpt)
+  net, params = components.network_params(config, mmaudio_ckpt)
   codec_cfg, codec_params = (None, None)
   if config.codec.preset:
-    codec_cfg, codec_params = codec_lib.load_codec(config.codec)
-    codec_lib.check_matches_network(codec_cfg, cfg)
-  flow = flow_config(config)
-  feats, x0 = random_features(cfg, len(videos) if videos else config.sample.batch_size, config.seed)
+    codec_cfg, codec_params = components.load_codec(config.codec)
+    codec_lib.check_matches_network(codec_cfg, net)
+  flow = fm.flow_config(config.flow)
+  feats, x0 = random_features(net, len(videos) if videos else config.sample.batch_size, config.seed)
   x0 = fm.correlate_ears(x0, flow.ear_noise_correlation)
   if videos:
     captions = captions or [''] * len(videos)
     if len(captions) != len(videos):
       raise ValueError(f'{len(videos)} videos but {len(captions)} captions')
-    feats = video_features(config, cfg, videos, captions)
-  sampler = fm.make_sampler(FlowNetwork(cfg), flow)
+    feats = video_features(config, net, videos, captions)
+  sampler = fm.make_sampler(FlowNetwork(net), flow)
   start = time.perf_counter()
   compiled = sampler.lower(params, feats, x0).compile()
   compile_s = time.perf_counter() - start
@@ -120,5 +100,5 @@ def run(config: ml_collections.ConfigDict, output_dir: str, mmaudio_ckpt: str | 
     summary['wav_files'] = f'none: codec {config.codec.preset} needs codec.vae_ckpt and codec.vocoder_ckpt'
   write_safetensors({'latents': latents}, out / 'latents.safetensors',
                     metadata={'config': config.to_json(), 'summary': json.dumps(summary)})
-  (out / 'summary.json').write_text(json.dumps(summary, indent=2))
+  write_json(out / 'summary.json', summary, indent=2)
   return summary
