@@ -79,10 +79,11 @@ def codec(preset: str) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(preset=preset, vae_ckpt='', vocoder_ckpt=''))
 
 
-def encoders(preset: str) -> ml_collections.ConfigDict:
-  """Conditioning encoders (visaudio_jax/encoders): 'tiny' is seeded; 'mmaudio' needs the official
-  CLIP (open_clip DFN5B), Synchformer and PE-Spatial-B16 checkpoints."""
-  return ml_collections.ConfigDict(dict(preset=preset, clip_ckpt='', sync_ckpt='', pe_ckpt=''))
+def encoders(preset: str, seeded: bool = False) -> ml_collections.ConfigDict:
+  """Conditioning encoders (visaudio_jax/encoders): 'mmaudio' needs the official CLIP (open_clip
+  DFN5B), Synchformer and PE-Spatial-B16 checkpoints; `seeded` allows seeded random weights when no
+  checkpoint is given (the tiny demo's stand-ins)."""
+  return ml_collections.ConfigDict(dict(preset=preset, clip_ckpt='', sync_ckpt='', pe_ckpt='', seeded=seeded))
 
 
 def mesh(shape: tuple[int, int, int]) -> ml_collections.ConfigDict:

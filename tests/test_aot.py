@@ -11,6 +11,8 @@ from visaudio_jax.model.config import network_config
 from visaudio_jax.tools import aot
 from visaudio_jax.train import metrics, trainer
 
+pytestmark = pytest.mark.integration  # a TPU compile of the whole train step
+
 
 def _tiny():
   return tiny.get_config()

@@ -97,6 +97,7 @@ def test_generate_waves_pads_the_last_batch_and_draws_per_listing(tmp_path):
   assert np.abs(twice[3:] - full).max() > 1e-2
 
 
+@pytest.mark.integration  # the demo's whole final check: sampling, the evaluate report and its files
 def test_final_scores_the_untrained_model_over_several_draws(tmp_path, monkeypatch):
   program = _micro_program()
   clips = _clips(program, 4)

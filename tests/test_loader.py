@@ -84,6 +84,7 @@ def test_resume_from_state_reproduces_the_run(data_dir):
   assert_batches_equal([next(fresh) for _ in range(6)], uninterrupted[3:])
 
 
+@pytest.mark.integration
 def test_worker_processes_give_the_same_batches(data_dir):
   # Grain's mp_prefetch reads absl flags of its own (grain 0.2.18), which raise unparsed outside an
   # absl app; train.py and the benches are absl apps, a test is not: take the flags' defaults.

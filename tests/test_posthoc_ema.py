@@ -49,14 +49,15 @@ def expected(run, sigma_rel: float, step: int):
 @pytest.fixture(scope='module')
 def run(tmp_path_factory):
   config = tiny.get_config()
+  config.model.update(depth=2, fused_depth=1)  # a micro net: the tool does not care about the size
   config.ema.update(start=START, decays=[0.999])
   config.checkpoint.keep = len(STEPS)
-  cfg = network_config(config.model)
+  net = network_config(config.model)
   mesh = sharding.make_mesh(config.mesh.shape, config.mesh.axes, devices=jax.devices()[:1])
   tx = optim.make_optimizer(config.optim)
-  abstract, specs = state_lib.abstract_state(cfg, config, tx)
+  abstract, specs = state_lib.abstract_state(net, config, tx)
   shardings = state_lib.state_shardings(specs, mesh, config.logical_axis_rules)
-  state = state_lib.create_state(cfg, config, tx, shardings, mesh)
+  state = state_lib.create_state(net, config, tx, shardings, mesh)
   assert set(state.ema) == set(POWER) | {'decay_0p999'}
   workdir = tmp_path_factory.mktemp('run')
   trainer.write_run_config(str(workdir), config)
@@ -80,6 +81,7 @@ def restored_leaves(run, out_dir) -> list[np.ndarray]:
   return [np.asarray(x) for x in jax.tree.leaves(checkpoint.restore_params(out_dir, run.target))]
 
 
+@pytest.mark.integration
 def test_cli_writes_the_synthesized_ema_as_an_init_from_checkpoint(run, tmp_path):
   out = tmp_path / 'ema_0p07'
   proc = subprocess.run([sys.executable, '-m', 'visaudio_jax.tools.posthoc_ema', f'--workdir={run.workdir}',

@@ -49,6 +49,7 @@ def test_sampling_refuses_a_codec_that_does_not_fit_the_model(tmp_path):
     command.run(config, str(tmp_path))
 
 
+@pytest.mark.integration
 def test_sampling_conditioned_on_a_video_file(tmp_path):
   """A video written here -> tiny seeded encoders -> sampler -> WAV. (A fresh MMAudio-style init has a
   zero output layer, so its latents do not depend on the conditions yet: shapes and files only.)"""

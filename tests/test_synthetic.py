@@ -153,6 +153,7 @@ def built(tmp_path_factory):
   return out / 'test', entries
 
 
+@pytest.mark.integration
 def test_parallel_build_writes_the_same_clips(built, tmp_path):
   directory, entries = built
   parallel = synthetic.build_split(tmp_path, 'test', 3, SMALL, seed=0, workers=2)

@@ -169,10 +169,10 @@ def test_gradient_accumulation_and_ema_in_the_step():
       jax.random.key(int(config.train.seed))))), 0)
   flow = fm.flow_config(config.flow)
   halves = [{k: v[i * 2:(i + 1) * 2] for k, v in batch.items()} for i in range(2)]
-  grads = [jax.jit(lambda p, b, k: step_lib._loss_and_grads(program.model, flow, p, b, k)[0])(
-      params0, h, jax.random.fold_in(key, i)) for i, h in enumerate(halves)]
+  grad_fn = jax.jit(lambda p, b, k: step_lib._loss_and_grads(program.model, flow, p, b, k)[0])  # one compile
+  grads = [grad_fn(params0, h, jax.random.fold_in(key, i)) for i, h in enumerate(halves)]
   mean = step_lib.zero_frozen(jax.tree.map(lambda a, b: (a + b) / 2, *grads))
-  updates, _ = program.tx.update(mean, program.tx.init(params0), params0)
+  updates, _ = jax.jit(program.tx.update)(mean, jax.jit(program.tx.init)(params0), params0)
   expected = jax.tree.map(lambda p, u: p + u, params0, updates)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7),
                state1.params, expected)
@@ -251,6 +251,7 @@ def reference_run(shard_dir, tmp_path_factory):
   return log
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize('sig', [signal.SIGKILL, signal.SIGTERM], ids=['sigkill', 'sigterm'])
 def test_interrupted_run_resumes_exactly(shard_dir, reference_run, tmp_path, sig):
   cmd = _train_cmd(tmp_path, shard_dir, STEPS)
@@ -280,6 +281,7 @@ def _free_port():
     return s.getsockname()[1]
 
 
+@pytest.mark.integration
 def test_two_processes_match_one_process(shard_dir, tmp_path):
   """Two CPU processes (one device each, gloo collectives) train the same global batches as one
   process with two devices: same losses."""

@@ -52,14 +52,16 @@ def load_encoders(cfg: EncodersConfig, clip_ckpt: str | None, sync_ckpt: str | N
 
 
 def encoders_from_config(block: Any, seed: int = 0) -> tuple[EncodersConfig, dict]:
-  """A config file's `encoders` block (preset, clip_ckpt, sync_ckpt, pe_ckpt) -> (config, params):
-  the official checkpoints when given, else the seeded weights of the 'tiny' preset."""
+  """A config file's `encoders` block (preset, clip_ckpt, sync_ckpt, pe_ckpt, seeded) -> (config,
+  params): the official checkpoints when given, else seeded random weights where the block allows
+  them (`seeded`: the CPU demo's stand-in encoders)."""
   cfg = encoders_config(block.preset)
   if block.clip_ckpt or block.sync_ckpt or block.pe_ckpt:
     return load_encoders(cfg, block.clip_ckpt, block.sync_ckpt, block.pe_ckpt or None)
-  if block.preset == 'tiny':
+  if block.get('seeded', False):
     return cfg, init_encoders(cfg, seed)
-  raise ValueError(f'encoders preset {block.preset!r} needs encoders.clip_ckpt, sync_ckpt and pe_ckpt')
+  raise ValueError(f'encoders preset {block.preset!r} needs encoders.clip_ckpt, sync_ckpt and pe_ckpt '
+                   '(or encoders.seeded=True for seeded random weights)')
 
 
 def network_params(config: ml_collections.ConfigDict, mmaudio_ckpt: str | None) -> tuple[NetworkConfig, dict]:
