@@ -6,6 +6,8 @@ set -uo pipefail
 OUT=${1:-bench/results}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
+# The package and configs from this checkout, without installing them on the device machine.
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 timeout 100 python3 bench/audio.py --repeats=3 --out="$OUT/audio_gpu_f32.json" 2>&1 | grep -v "^[IW]1" | tail -4
 timeout 70 python3 bench/audio.py --dtype=bfloat16 --batch=4 --repeats=3 --out="$OUT/audio_gpu_bf16.json" 2>&1 | grep -v "^[IW]1" | tail -4

@@ -5,6 +5,8 @@ set -uo pipefail
 OUT=${1:-bench/results}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
+# The package and configs from this checkout, without installing them on the device machine.
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 python3 -c 'import jax; print(jax.__version__, jax.devices())' | tee -a "$OUT/gpu.txt"
 JAX_PLATFORMS=cuda timeout 170 python3 -m pytest -q -p no:cacheprovider tests/test_mmaudio_parity.py -k "float32 or float64_matches" 2>&1 | tail -5 | tee "$OUT/gpu_parity.txt"

@@ -7,6 +7,8 @@ set -uo pipefail
 OUT=${1:-bench/results}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
+# The package and configs from this checkout, without installing them on the device machine.
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 timeout 240 python3 bench/train_step.py --configs=large_44k --variants=bf16+remat,bf16 --per_device_batch=8 \
   --steps=5 --json="$OUT/train_step_gpu_large.json" 2>&1 | grep -v "^[IW]1" | tail -5
