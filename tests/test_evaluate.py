@@ -20,7 +20,6 @@ from visaudio_jax.data.binaural import render_binaural
 from visaudio_jax.eval import evaluate as ev
 from visaudio_jax.eval import metrics as em
 from visaudio_jax.eval import quality
-from visaudio_jax.eval import report as report_lib
 from visaudio_jax.eval import spatial as sp
 
 SR, L, K, TRACK = 16000, 8000, 4, 8
@@ -76,7 +75,7 @@ def test_reference_against_itself_is_perfect():
 def test_swap_flips_cues_and_mono_has_none():
   out = good_vs_reference()
   m, clip = out['metrics'], out['per_clip']
-  ref = {k: np.asarray(v) for k, v in report_lib._frame_features(CFG, jnp.asarray(clips(0))).items()}  # jitted
+  ref = {k: np.asarray(v) for k, v in sp.jitted_frame_features(CFG, jnp.asarray(clips(0))).items()}  # jitted
   for cue in ('ild', 'ild_high'):  # mono: cue 0, so its error is |reference cue|; swapped: -cue, twice that
     want = [np.abs(ref[cue][b][ref['active'][b]]).mean() for b in range(K)]
     np.testing.assert_allclose(clip[f'{cue}_mae']['mono'], want, rtol=1e-4)

@@ -67,7 +67,6 @@ def _safe(name: str) -> str:
   return re.sub(r'[^A-Za-z0-9._-]+', '_', name)[:80]
 
 
-_frame_features = jax.jit(sp.frame_features, static_argnums=0)
 
 
 def _plots(metrics: dict, pairs: Pairs, out_dir: Path, cfg: sp.SpatialConfig, plot_clips: int) -> list[str]:
@@ -89,7 +88,7 @@ def _plots(metrics: dict, pairs: Pairs, out_dir: Path, cfg: sp.SpatialConfig, pl
   if chosen:
     gen = resample(pairs.generated[chosen], pairs.sample_rate, cfg.sample_rate)
     ref = resample(pairs.reference[chosen], pairs.sample_rate, cfg.sample_rate)
-    feats = {name: jax.tree.map(np.asarray, _frame_features(cfg, jnp.asarray(x))) for name, x in
+    feats = {name: jax.tree.map(np.asarray, sp.jitted_frame_features(cfg, jnp.asarray(x))) for name, x in
              (('generated', gen), ('reference', ref))}
     mel_cfg = mel_lib.MelConfig(sample_rate=cfg.sample_rate, n_fft=1024, hop_length=256, n_mels=80,
                                 fmax=cfg.sample_rate / 2, log='log10')

@@ -195,6 +195,10 @@ def frame_features(cfg: SpatialConfig, wave: Array) -> dict[str, Array]:
           'iacc': iacc, 'active': active}
 
 
+# For host callers (reports, the demo check); other functions here call `frame_features` inside their jit.
+jitted_frame_features = jax.jit(frame_features, static_argnums=0)
+
+
 def balance_curve(cfg: SpatialConfig, wave: Array, window: int | None = None) -> tuple[Array, Array]:
   """L/R energy balance d = (E_R - E_L) / (E_R + E_L + 1e-12) per non-overlapping window, and its RMS.
 

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from visaudio_jax import components
 from visaudio_jax.audio import codec as codec_lib
 from visaudio_jax.audio.wav import write_wav
 from visaudio_jax.model import flow_matching as fm
@@ -33,6 +34,11 @@ class WaveSampler:
     self.codec_cfg, self.codec_params = codec_cfg, codec_params
     self._sample = fm.make_sampler(model, flow)
     self._decode = jax.jit(functools.partial(codec_lib.decode_binaural, codec_cfg))
+
+  @classmethod
+  def from_config(cls, model: FlowNetwork, config: Any) -> 'WaveSampler':
+    """The experiment config's flow matching and codec (`config.flow`, `config.codec`)."""
+    return cls(model, fm.flow_config(config.flow), *components.load_codec(config.codec))
 
   @property
   def makes_sound(self) -> bool:

@@ -7,9 +7,7 @@ import os
 import jax
 import numpy as np
 
-from visaudio_jax import components
 from visaudio_jax.eval.metrics import evaluate_arrays
-from visaudio_jax.model import flow_matching as fm
 from visaudio_jax.sample.generate import WaveSampler, write_waves
 from visaudio_jax.train.evaluators.common import Evaluator as Base
 from visaudio_jax.train.evaluators.common import eval_params, held_out
@@ -21,13 +19,15 @@ class Evaluator(Base):
                ema: str = 'sigma_rel_0p05'):
     super().__init__(program, workdir, writer)
     self.split, self.num_clips, self.ema = split, int(num_clips), ema
-    self.sampler = WaveSampler(program.model, fm.flow_config(self.config.flow),
-                               *components.load_codec(self.config.codec))
+    self.sampler = WaveSampler.from_config(program.model, self.config)
+    self._clips = None  # read on first use: the same clips every time
 
   def run(self, state, step: int) -> dict[str, float]:
     if not self.sampler.makes_sound:
       return {}
-    clips = held_out(self.config.data.dir, self.split, self.num_clips)
+    if self._clips is None:
+      self._clips = held_out(self.config.data.dir, self.split, self.num_clips)
+    clips = self._clips
     waves = self.sampler(eval_params(state, self.ema), clips, seed=step)
     sr = int(clips['sample_rate'][0])
     if jax.process_index() == 0:

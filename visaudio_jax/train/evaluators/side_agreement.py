@@ -8,19 +8,16 @@ layer makes it return its noise, so its ILD sign is a coin flip per draw (one dr
 28-83 % over seeds)."""
 from __future__ import annotations
 
-import functools
 import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from visaudio_jax import components
 from visaudio_jax.eval import spatial
 from visaudio_jax.eval.metrics import evaluate_arrays
 from visaudio_jax.eval.report import write_outputs
 from visaudio_jax.files import write_json
-from visaudio_jax.model import flow_matching as fm
 from visaudio_jax.sample.generate import WaveSampler, balanced_batch, write_waves
 from visaudio_jax.train import state as state_lib
 from visaudio_jax.train.evaluators.common import Evaluator as Base
@@ -31,7 +28,7 @@ SEED = 1  # the trained and untrained nets' noise
 
 def clip_ild_db(waves: np.ndarray, cfg: spatial.SpatialConfig = spatial.SPATIAL_16K) -> np.ndarray:
   """(K, 2, L) -> (K,) broadband ILD in dB, mean over the clip's active frames (0 when silent)."""
-  feats = jax.jit(functools.partial(spatial.frame_features, cfg))(jnp.asarray(waves))
+  feats = spatial.jitted_frame_features(cfg, jnp.asarray(waves))
   active = np.asarray(feats['active'], np.float64)
   ild = np.asarray(feats['ild'], np.float64)
   return np.where(active.sum(-1) > 0, (ild * active).sum(-1) / np.maximum(active.sum(-1), 1), 0.0)
@@ -63,8 +60,7 @@ class Evaluator(Base):
     super().__init__(program, workdir, writer)
     self.split, self.num_clips, self.ema = split, int(num_clips), ema
     self.lateral_deg, self.lateral_only, self.untrained_draws = float(lateral_deg), bool(lateral_only), int(untrained_draws)
-    self.sampler = WaveSampler(program.model, fm.flow_config(self.config.flow),
-                               *components.load_codec(self.config.codec))
+    self.sampler = WaveSampler.from_config(program.model, self.config)
     self.untrained_params = None
 
   def start(self, state, how: str) -> None:
