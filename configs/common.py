@@ -3,9 +3,12 @@ from the architecture table, the flow-matching, codec, encoder and sharding bloc
 recipe, and `mmaudio_experiment`, the whole experiment for one of MMAudio's sizes."""
 from __future__ import annotations
 
+import dataclasses
+
 import ml_collections
 
 from visaudio_jax.model import presets
+from visaudio_jax.sample.sampler import SampleOptions
 from visaudio_jax.train import optim
 
 FLAGS = ('mono', 'scan', 'remat', 'bf16', 'cudnn', 'sequential', 'shared')
@@ -73,6 +76,15 @@ def flow(**overrides) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict({**block, **overrides})
 
 
+def sample(**overrides) -> ml_collections.ConfigDict:
+  """SampleOptions' defaults (visaudio_jax/sample/sampler.py) with `overrides`. Sampling (`sample.py`, visaudio_jax/sample): clips per device batch, the EMA a run's checkpoint is
+  sampled with, and long videos: windows of `window_s` (0 = the model's duration) overlapping by
+  `overlap_s` (0 = a quarter window), each inpainting its predecessor's latents over the overlap until t = `release_t`, then
+  cross-faded. `audio_codec` of the muxed videos: 'aac' (in .mp4), or lossless 'flac' (.mkv) or
+  'pcm_s16le' (.mov)."""
+  return ml_collections.ConfigDict({**dataclasses.asdict(SampleOptions()), **overrides})
+
+
 def codec(preset: str) -> ml_collections.ConfigDict:
   """Waveform <-> latent codec (visaudio_jax/audio/codec.py). MMAudio's VAE + vocoder make sound only
   with the official weights (`vae_ckpt`, `vocoder_ckpt`); the tiny mel codec needs none."""
@@ -106,7 +118,7 @@ def mmaudio_experiment(architecture: str, arg: str | None = None) -> ml_collecti
   config.seed = 0
   config.model = model(architecture, flags)
   config.flow = flow()
-  config.sample = ml_collections.ConfigDict(dict(batch_size=2, negative_prompt=''))
+  config.sample = sample()
   config.codec = codec(codec_preset)
   config.encoders = encoders('mmaudio')
   config.mesh = mesh((-1, 1, 1))

@@ -25,7 +25,7 @@ def get_config(arg=None):
   # learn direction: without them 600 steps leave the ears' errors independent and the ILD random
   # (60 % side agreement; 80 % with the loss weight alone).
   config.flow = common.flow(side_loss_weight=10.0, ear_noise_correlation=0.95)
-  config.sample = ml_collections.ConfigDict(dict(batch_size=2, negative_prompt=''))
+  config.sample = common.sample()
   config.codec = common.codec('tiny_mel')  # latent = normalised log-mel, Griffin-Lim: no weights
   config.encoders = common.encoders('tiny', seeded=True)  # seeded CLIP / Synchformer / PE stand-ins
   config.mesh = common.mesh((-1, 1, 1))

@@ -7,7 +7,8 @@ import pytest
 
 from configs import tiny
 from visaudio_jax.model.network import feature_shapes
-from visaudio_jax.sample import generate
+from visaudio_jax.sample.pipeline import sample_features
+from visaudio_jax.sample.sampler import balanced_batch
 from visaudio_jax.train import evaluators, trainer
 from visaudio_jax.train import state as state_lib
 from visaudio_jax.train.evaluators import side_agreement as side_lib
@@ -73,7 +74,7 @@ def _clips(program, count: int, seed: int = 0) -> dict:
 
 
 def test_balanced_batches_use_one_shape_and_little_padding():
-  assert [generate.balanced_batch(k) for k in (1, 8, 16, 17, 18, 33, 72)] == [1, 8, 16, 9, 9, 11, 15]
+  assert [balanced_batch(k) for k in (1, 8, 16, 17, 18, 33, 72)] == [1, 8, 16, 9, 9, 11, 15]
 
 
 def _side_evaluator(program, workdir, **options):
@@ -81,20 +82,21 @@ def _side_evaluator(program, workdir, **options):
   return evaluators.from_config(evals, program, str(workdir), writer=None)['side'].evaluator
 
 
-def test_generate_waves_pads_the_last_batch_and_draws_per_listing(tmp_path):
-  """Padding the last batch changes nothing for the real clips; a clip listed twice gets two noise
-  draws (the untrained baseline's repeats are independent samples)."""
+def test_held_out_sampling_is_per_clip_whatever_the_batch(tmp_path):
+  """A clip's noise comes from (seed, id): padding a batch or sampling a clip alone changes nothing,
+  another seed draws again, and repeated ids are refused (they would repeat the draw)."""
   program = _micro_program()
   sampler = _side_evaluator(program, tmp_path).sampler
   params = state_lib.create_state(program.net, program.config, program.tx, program.shardings, program.mesh).params
   clips = _clips(program, 3)
-  full = sampler(params, clips, seed=1, batch=3)
-  padded = sampler(params, {k: v[:2] for k, v in clips.items()}, seed=1, batch=3)
+  full = sample_features(sampler, params, clips, seed=1, batch=3)
+  alone = sample_features(sampler, params, {k: v[2:] for k, v in clips.items()}, seed=1, batch=1)
   assert full.shape == (3, 2, clips['audio'].shape[-1])
-  np.testing.assert_allclose(padded, full[:2], atol=1e-5)
-  twice = sampler(params, {k: np.concatenate([v, v]) for k, v in clips.items()}, seed=1, batch=3)
-  np.testing.assert_allclose(twice[:3], full, atol=1e-5)
-  assert np.abs(twice[3:] - full).max() > 1e-2
+  np.testing.assert_allclose(alone[0], full[2], atol=1e-6)
+  again = sample_features(sampler, params, clips, seed=2, batch=3)
+  assert np.abs(again - full).max() > 1e-2
+  with pytest.raises(ValueError, match='clip ids repeat'):
+    sample_features(sampler, params, {k: np.concatenate([v, v]) for k, v in clips.items()}, seed=1)
 
 
 @pytest.mark.integration  # the demo's whole final check: sampling, the evaluate report and its files

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from configs import tiny
+from visaudio_jax import components
 from visaudio_jax.model import sharding
 from visaudio_jax.model.config import network_config
 from visaudio_jax.tools import posthoc_ema
@@ -78,7 +79,7 @@ def run(tmp_path_factory):
 
 
 def restored_leaves(run, out_dir) -> list[np.ndarray]:
-  return [np.asarray(x) for x in jax.tree.leaves(checkpoint.restore_params(out_dir, run.target))]
+  return [np.asarray(x) for x in jax.tree.leaves(components.restore_run_params(out_dir, run.target))]
 
 
 @pytest.mark.integration

@@ -3,16 +3,21 @@ network weights become arrays, from official checkpoints (through `convert`) or 
 
 It sits above `convert` and below `data`, so feature extraction, sampling and training load
 components the same way, and the lower layers (audio, encoders, model) never import an importer.
+A training run's Orbax checkpoints are a weight source too (`run_config`, `restore_run_params`):
+`train.init_from`, `sample.py --checkpoint=RUN_DIR` and the post-hoc EMA tool read them here.
 """
 from __future__ import annotations
 
 import dataclasses
+import os
+import pathlib
 from typing import Any
 
 import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
+import orbax.checkpoint as ocp
 
 from visaudio_jax.audio.codec import CodecConfig, codec_config
 from visaudio_jax.convert import audio as convert_audio
@@ -78,3 +83,73 @@ def network_params(config: ml_collections.ConfigDict, mmaudio_ckpt: str | None) 
   if binaural_net != net:
     raise ValueError(f'{mmaudio_ckpt}: made binaural it gives network {binaural_net}, the config asks for {net}')
   return net, params
+
+
+# ---- a training run's checkpoints ---------------------------------------------------------------
+
+CHECKPOINT_ITEMS = ('state', 'data', 'config')  # what train.py saves in each <workdir>/checkpoints/<step>/
+
+
+def run_checkpoint(path: str | os.PathLike) -> tuple[pathlib.Path, int]:
+  """A run directory, its `checkpoints/` directory or one `checkpoints/<step>/` -> (checkpoints
+  directory, step): the latest step unless the path names one."""
+  path = pathlib.Path(path).absolute()
+  if not path.is_dir():
+    raise FileNotFoundError(f'{path}: no such directory (expected a train.py workdir or <workdir>/checkpoints/<step>)')
+  if (path / 'checkpoints').is_dir():
+    path = path / 'checkpoints'
+  if path.name.isdigit() and (path / 'state').is_dir():
+    return path.parent, int(path.name)
+  steps = [int(p.name) for p in path.iterdir() if p.name.isdigit() and (p / 'state').is_dir()]
+  if not steps:
+    raise FileNotFoundError(f'{path}: no finished checkpoint (expected <step>/state/ from train.py)')
+  return path, max(steps)
+
+
+def _read_only_manager(directory: pathlib.Path, handlers: dict) -> ocp.CheckpointManager:
+  return ocp.CheckpointManager(directory, item_names=CHECKPOINT_ITEMS, item_handlers=handlers,
+                               options=ocp.CheckpointManagerOptions(read_only=True))
+
+
+def run_config(path: str | os.PathLike) -> ml_collections.ConfigDict:
+  """The config a run's checkpoint was saved with (its 'config' item)."""
+  directory, step = run_checkpoint(path)
+  with _read_only_manager(directory, {'config': ocp.JsonCheckpointHandler()}) as manager:
+    try:
+      stored = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
+    except (FileNotFoundError, KeyError, ValueError) as e:
+      raise FileNotFoundError(f'{directory / str(step)}: holds no config item ({e})') from e
+  return ml_collections.ConfigDict(stored)
+
+
+def restore_run_params(path: str | os.PathLike, abstract_params: Any, ema: str = '') -> Any:
+  """One params tree of a run's checkpoint (the raw params, or the EMA called `ema`), without the
+  optimiser state, placed as `abstract_params` (ShapeDtypeStructs, optionally with shardings) says.
+  Raises with what the checkpoint holds when the EMA is absent or the shapes do not fit."""
+  directory, step = run_checkpoint(path)
+  where = f'{directory / str(step)}'
+  # A partial restore (one subtree, no optimiser state) goes through the PyTree handler.
+  with _read_only_manager(directory, {'state': ocp.PyTreeCheckpointHandler()}) as manager:
+    stored = manager.item_metadata(step).state.tree
+    if ema:
+      emas = sorted(stored.get('ema') or {})
+      if ema not in emas:
+        raise ValueError(f'{where}: has no EMA {ema!r}; its EMAs are {emas or "none"} (or use the raw params)')
+      target = {'ema': {ema: abstract_params}}
+    else:
+      if 'params' not in stored:
+        raise ValueError(f'{where}: its state holds no params ({sorted(stored)})')
+      target = {'params': abstract_params}
+    try:
+      restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+          item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True)))
+    except (ValueError, KeyError) as e:
+      raise ValueError(f'{where}: its params do not fit this network config (a run of another config?): {e}') from e
+  params = restored.state['ema'][ema] if ema else restored.state['params']
+  wrong = [f'{jax.tree_util.keystr(path)} {tuple(x.shape)} (wanted {tuple(want.shape)})' for path, x, want in
+           zip(*zip(*jax.tree_util.tree_flatten_with_path(params)[0]), jax.tree.leaves(abstract_params))
+           if tuple(x.shape) != tuple(want.shape)]
+  if wrong:
+    raise ValueError(f'{where}: its params do not fit this network config (a run of another config?): '
+                     + ', '.join(wrong[:5]) + (f' and {len(wrong) - 5} more' if len(wrong) > 5 else ''))
+  return params

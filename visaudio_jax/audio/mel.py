@@ -183,10 +183,12 @@ def griffin_lim(cfg: MelConfig, magnitude: Array, iterations: int = 64, momentum
                 seed: int = 0) -> Array:
   """Fast Griffin-Lim (Perraudin et al. 2013, as in librosa) for our STFT convention.
 
-  magnitude (..., T, n_freq) -> wave (..., T * hop). Random initial phases from `seed`.
+  magnitude (..., T, n_freq) -> wave (..., T * hop). Random initial phases from `seed`: one (T, n_freq)
+  draw shared by every signal of the batch, so a signal's wave does not depend on its batch position
+  (and the two ears of a clip start from the same phases).
   """
-  phase = jax.random.uniform(jax.random.key(seed), magnitude.shape, magnitude.dtype, 0, 2 * np.pi)
-  angles = jnp.exp(1j * phase)
+  phase = jax.random.uniform(jax.random.key(seed), magnitude.shape[-2:], magnitude.dtype, 0, 2 * np.pi)
+  angles = jnp.broadcast_to(jnp.exp(1j * phase), magnitude.shape)
   eps = jnp.finfo(magnitude.dtype).tiny
 
   def step(_, carry):

@@ -10,7 +10,7 @@ makes each encoder's input on the device.
 from __future__ import annotations
 
 import os
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -33,11 +33,14 @@ def sample_times(fps: float, count: int) -> np.ndarray:
   return times
 
 
-def read_frames(path: str | os.PathLike, fps: Sequence[float], duration_s: float, *, start_s: float = 0.0,
-                pad: bool = False) -> list[np.ndarray]:
-  """Decode `path` once into one uint8 (int(fps * duration_s), H, W, 3) stream per rate in `fps`.
+def iter_windows(path: str | os.PathLike, fps: Sequence[float], duration_s: float, starts_s: Sequence[float],
+                 pad: bool = False) -> Iterator[tuple[int, list[np.ndarray]]]:
+  """Decode `path` once and yield (window index, one uint8 (int(fps * duration_s), H, W, 3) stream per
+  rate in `fps`) for each window [start, start + duration_s) of `starts_s` (ascending), each as soon
+  as it is complete, so a long video never holds more than its overlapping windows in memory.
 
-  A video shorter than `duration_s` raises VideoError, unless `pad`, which repeats its last frame.
+  Every window samples its frames by MMAudio's rule from its own start. A window that runs past the
+  video's end raises VideoError, unless `pad`, which repeats the last frame.
   """
   import av  # PyAV (FFmpeg); imported here so the rest of the package works without it
 
@@ -45,9 +48,26 @@ def read_frames(path: str | os.PathLike, fps: Sequence[float], duration_s: float
   wanted = [int(f * duration_s) for f in fps]
   if min(wanted) < 1:
     raise ValueError(f'{path}: duration_s={duration_s} gives no frames at {min(fps)} fps')
-  outputs: list[list[np.ndarray]] = [[] for _ in fps]
-  next_time = [0.0] * len(fps)
-  last_time = None
+  starts = [float(s) for s in starts_s]
+  if any(b < a for a, b in zip(starts, starts[1:])):
+    raise ValueError(f'{path}: window starts must ascend, got {starts}')
+  outputs = {w: [[] for _ in fps] for w in range(len(starts))}  # open windows
+  next_time = {w: [0.0] * len(fps) for w in outputs}
+  last_time, last_rgb = None, None
+
+  def finish(w):
+    frames = outputs.pop(w)
+    result = []
+    for f, stream, count in zip(fps, frames, wanted):
+      if len(stream) < count:
+        if not pad or not stream and last_rgb is None:
+          raise VideoError(f'{path}: {len(stream)} frames at {f} fps from {starts[w]:.2f} s cover up to '
+                           f'{last_time or 0:.2f} s, shorter than the requested {duration_s} s ({count} frames)'
+                           '; pass pad=True to repeat the last frame')
+        stream = stream + [stream[-1] if stream else last_rgb] * (count - len(stream))
+      result.append(np.stack(stream))
+    return w, result
+
   try:
     container = av.open(path)
   except (av.error.FFmpegError, OSError) as exc:
@@ -61,30 +81,42 @@ def read_frames(path: str | os.PathLike, fps: Sequence[float], duration_s: float
       for frame in container.decode(stream):
         if frame.time is None:
           continue
-        t = frame.time - start_s
-        if t < 0:
+        t = frame.time
+        if t < starts[0]:
           continue
-        if t > duration_s or all(len(o) >= w for o, w in zip(outputs, wanted)):
+        rgb = None
+        for w in list(outputs):
+          tw = t - starts[w]
+          if tw < 0:
+            break  # later windows start later still
+          if tw > duration_s or all(len(o) >= c for o, c in zip(outputs[w], wanted)):
+            yield finish(w)
+            continue
+          for i, f in enumerate(fps):
+            while tw >= next_time[w][i] and len(outputs[w][i]) < wanted[i]:
+              rgb = frame.to_ndarray(format='rgb24') if rgb is None else rgb
+              outputs[w][i].append(rgb)
+              next_time[w][i] += 1.0 / f
+        if rgb is not None:
+          last_rgb = rgb
+        last_time = t
+        if not outputs:
           break
-        last_time, rgb = t, None
-        for i, f in enumerate(fps):
-          while t >= next_time[i] and len(outputs[i]) < wanted[i]:
-            rgb = frame.to_ndarray(format='rgb24') if rgb is None else rgb
-            outputs[i].append(rgb)
-            next_time[i] += 1.0 / f
     except av.error.FFmpegError as exc:
       raise VideoError(f'{path}: decoding failed ({exc})') from exc
   if last_time is None:
-    raise VideoError(f'{path}: no decodable frames after {start_s} s')
-  result = []
-  for f, frames, w in zip(fps, outputs, wanted):
-    if len(frames) < w:
-      if not pad:
-        raise VideoError(f'{path}: {len(frames)} frames at {f} fps cover {last_time:.2f} s, shorter than the '
-                         f'requested {duration_s} s ({w} frames); pass pad=True to repeat the last frame')
-      frames = frames + [frames[-1]] * (w - len(frames))
-    result.append(np.stack(frames))
-  return result
+    raise VideoError(f'{path}: no decodable frames after {starts[0]} s')
+  for w in list(outputs):
+    yield finish(w)
+
+
+def read_frames(path: str | os.PathLike, fps: Sequence[float], duration_s: float, *, start_s: float = 0.0,
+                pad: bool = False) -> list[np.ndarray]:
+  """Decode `path` once into one uint8 (int(fps * duration_s), H, W, 3) stream per rate in `fps`.
+
+  A video shorter than `duration_s` raises VideoError, unless `pad`, which repeats its last frame.
+  """
+  return next(iter_windows(path, fps, duration_s, [start_s], pad=pad))[1]
 
 
 def resize_frames(frames: Array, size: int, mode: str) -> Array:

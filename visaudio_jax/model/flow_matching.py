@@ -155,15 +155,19 @@ def guided_velocity(model: FlowNetwork, params, cond: Conditions, uncond: Condit
 
 
 def integrate(velocity: VelocityFn, x0: Array, num_steps: int = 25, method: str = 'euler',
-              min_sigma: float = 0.0, return_trajectory: bool = False):
+              min_sigma: float = 0.0, return_trajectory: bool = False,
+              constrain: Callable[[Array, Array], Array] | None = None):
   """Solve dx/dt = v(t, x) from t = 0 to 1 - min_sigma. Euler never evaluates t = 1. The grid and
-  dt are float32 (as in MMAudio), added in x's dtype. Returns x1 (and the (steps+1, ...) states)."""
+  dt are float32 (as in MMAudio), added in x's dtype. `constrain(t, x) -> x` is applied to the state
+  at the start of every step (inpainting). Returns x1 (and the (steps+1, ...) states)."""
   if method not in ('euler', 'heun'):
     raise ValueError(f"sampler method must be 'euler' or 'heun', got {method!r}")
   grid = jnp.asarray(time_grid(num_steps, min_sigma))
 
   def step(i, x):
     t, t_next = grid[i], grid[i + 1]
+    if constrain is not None:
+      x = constrain(t.astype(x.dtype), x)
     dt = (t_next - t).astype(x.dtype)
     v = velocity(t.astype(x.dtype), x)
     if method == 'euler':
@@ -182,15 +186,36 @@ def integrate(velocity: VelocityFn, x0: Array, num_steps: int = 25, method: str 
   return x1, jnp.concatenate([x0[None], xs])
 
 
+def inpainting(x0: Array, known: Array, mask: Array, min_sigma: float = 0.0, release_t: float = 1.0):
+  """Flow-matching inpainting as an `integrate` constraint: while t < release_t, the latent frames
+  where mask (B, N) is 1 are put back on the path between this sample's own noise x0 and the known
+  (normalised) data latent, so the free frames are generated to continue them; after release_t the
+  network reconciles both for the last steps. x0, known: (B, E, N, C) or (B, N, C)."""
+  m = mask.reshape(mask.shape[:1] + (1,) * (x0.ndim - 3) + mask.shape[1:] + (1,)).astype(x0.dtype)
+
+  def constrain(t, x):
+    on = m * (t < release_t).astype(x.dtype)
+    return x + on * ((1 - (1 - min_sigma) * t) * x0 + t * known.astype(x.dtype) - x)
+
+  return constrain
+
+
 def generate(model: FlowNetwork, params, features: dict[str, Array], x0: Array,
              fm: FlowMatchingConfig = FlowMatchingConfig(), negative_text_f: Array | None = None,
-             tables=None) -> Array:
+             tables=None, known: Array | None = None, known_mask: Array | None = None,
+             release_t: float = 1.0) -> Array:
   """Features -> un-normalised latents (B, E, N, C): conditions projected once, null conditions
-  once, then the ODE. Jit it with `model` and `fm` static (see `make_sampler`)."""
+  once, then the ODE. With `known` latents (un-normalised, as this returns them) and `known_mask`
+  (B, N), those frames are inpainted (`inpainting`) until `release_t`: how a long video's window
+  continues the previous one. Jit it with `model` and `fm` static (see `make_sampler`)."""
   cond = model.apply(params, **features, tables=tables, method=FlowNetwork.preprocess_conditions)
   uncond = model.apply(params, x0.shape[0], negative_text_f, tables, method=FlowNetwork.empty_conditions)
   velocity = guided_velocity(model, params, cond, uncond, fm.cfg_strength, tables)
-  x1 = integrate(velocity, x0, fm.num_steps, fm.method, fm.min_sigma)
+  constrain = None
+  if known is not None:
+    target = model.apply(params, known, method=FlowNetwork.normalize)
+    constrain = inpainting(x0, target, known_mask, fm.min_sigma, release_t)
+  x1 = integrate(velocity, x0, fm.num_steps, fm.method, fm.min_sigma, constrain=constrain)
   return model.apply(params, x1, method=FlowNetwork.unnormalize)
 
 

@@ -1,4 +1,7 @@
-"""Sampling: features -> binaural latents (the jitted ODE with CFG) -> waveforms through the codec.
+"""Sampling: videos (+ captions) -> binaural audio and binaural videos with a trained model.
 
-`generate.WaveSampler` is what the trainer's evaluators call; `command.run` is `sample.py`.
+`pipeline.Pipeline` (from a run directory, an MMAudio checkpoint or fresh weights) is the Python entry
+point; `sampler.Sampler` the device side (fixed-shape batches over a mesh, per-clip noise, overlapping
+windows for any length, `windows`) that the trainer's evaluators also call; `inputs`, `media` and
+`command` are `sample.py`'s videos, probing/muxing and outputs.
 """

@@ -1,104 +1,113 @@
-"""Batch sampling: params (fresh seeded, or imported MMAudio weights made binaural) + features ->
-binaural latents, with a jitted Euler/Heun CFG loop -> stereo WAV files through the audio codec.
+"""`sample.py`: a trained model turns videos into binaural videos.
 
-Features come from videos and captions through the conditioning encoders (the config's
-`encoders` block: the tiny config's seeded encoders, or the official checkpoints), or, with no
-video, are seeded random stand-ins of the right shapes. The codec is the config's `codec` block:
-the tiny config's mel codec needs no weights; MMAudio's VAE + vocoder need their checkpoints
-(`codec.vae_ckpt`, `codec.vocoder_ckpt`), without which only latents are written.
+Per clip `<out>/<id>.wav` (stereo, the model's rate) and `<out>/<id>.mp4` (the input video's stream
+copied, the binaural track muxed in; `.mkv`/`.mov` for the lossless audio codecs), each written
+atomically; clips whose outputs exist are skipped (an interrupted run resumes) unless `overwrite`.
+`<out>/summary.json` (rewritten after every clip): the weights, the settings and per clip its
+duration, windows, seconds, outputs or failure reason. With several processes each takes every
+process_count-th clip and writes `summary.<index>-of-<count>.json`.
 """
 from __future__ import annotations
 
-import json
-import pathlib
+import dataclasses
+import os
 import time
+from typing import Any
 
 import jax
-import ml_collections
 import numpy as np
+from tqdm import tqdm
 
-from visaudio_jax import components, encoders
-from visaudio_jax.audio import codec as codec_lib
 from visaudio_jax.audio.wav import write_wav
-from visaudio_jax.convert.torch_io import write_safetensors
+from visaudio_jax.encoders.video import VideoError
 from visaudio_jax.files import write_json
-from visaudio_jax.model import flow_matching as fm
-from visaudio_jax.model.config import NetworkConfig
-from visaudio_jax.model.network import FlowNetwork, check_shape, feature_shapes
+from visaudio_jax.sample.inputs import Item
+from visaudio_jax.sample.media import AUDIO_CODECS, mux, probe_video
+from visaudio_jax.sample.pipeline import Pipeline
+from visaudio_jax.sample.sampler import Job
+
+VIDEO_SUFFIX = {'aac': '.mp4', 'flac': '.mkv', 'pcm_s16le': '.mov'}
 
 
-def random_features(cfg: NetworkConfig, batch: int, seed: int) -> tuple[dict, jax.Array]:
-  """Seeded stand-in features and the initial noise x0 (B, E, N, C)."""
-  rng = np.random.default_rng(seed)
-  arrays = {k: rng.standard_normal((batch,) + s).astype(np.float32) for k, s in feature_shapes(cfg).items()}
-  x0 = arrays.pop('latent')
-  return arrays, x0
+def outputs(out_dir: str, clip_id: str, audio_codec: str, with_video: bool) -> dict[str, str]:
+  paths = {'wav': os.path.join(out_dir, f'{clip_id}.wav')}
+  if with_video:
+    paths['video_out'] = os.path.join(out_dir, clip_id + VIDEO_SUFFIX[audio_codec])
+  return paths
 
 
-def video_features(config: ml_collections.ConfigDict, net: NetworkConfig, videos: list[str],
-                   captions: list[str]) -> dict:
-  """Decode `videos` and run the conditioning encoders: the network's feature dict (B, ...)."""
-  enc_cfg, enc_params = components.encoders_from_config(config.encoders, config.seed)
-  feats = encoders.extract(videos, captions, enc_cfg, enc_params, duration_s=net.duration_s, pad=True)
-  if not net.spacetime.enabled:
-    feats.pop('pe_f', None)
-  for name, shape in feature_shapes(net).items():
-    if name != 'latent':
-      check_shape(f'{name} from encoders preset {config.encoders.preset!r}', feats.get(name), shape, len(videos))
-  return feats
+def stand_in_items(count: int) -> list[Item]:
+  """`--random_features` without videos: clips of the model's duration, no video to mux into."""
+  return [Item(f'random_{i:04d}', '') for i in range(count)]
 
 
-def run(config: ml_collections.ConfigDict, output_dir: str, mmaudio_ckpt: str | None = None,
-        videos: list[str] | None = None, captions: list[str] | None = None) -> dict:
-  net, params = components.network_params(config, mmaudio_ckpt)
-  codec_cfg, codec_params = (None, None)
-  if config.codec.preset:
-    codec_cfg, codec_params = components.load_codec(config.codec)
-    codec_lib.check_matches_network(codec_cfg, net)
-  flow = fm.flow_config(config.flow)
-  feats, x0 = random_features(net, len(videos) if videos else config.sample.batch_size, config.seed)
-  x0 = fm.correlate_ears(x0, flow.ear_noise_correlation)
-  if videos:
-    captions = captions or [''] * len(videos)
-    if len(captions) != len(videos):
-      raise ValueError(f'{len(videos)} videos but {len(captions)} captions')
-    feats = video_features(config, net, videos, captions)
-  sampler = fm.make_sampler(FlowNetwork(net), flow)
+def run(pipe: Pipeline, items: list[Item], out_dir: str, *, seed: int = 0, batch: int | None = None,
+        overwrite: bool = False, random_features: bool = False, progress: bool = True) -> dict[str, Any]:
+  """Generates every item not yet done; returns (and writes) the summary. Failed clips are in it
+  with their reason; the caller turns `summary['failed']` into the exit status."""
+  codec = pipe.options.audio_codec
+  if codec not in AUDIO_CODECS:
+    raise ValueError(f'sample.audio_codec={codec!r}: expected one of {sorted(AUDIO_CODECS)}')
+  if not pipe.sampler.makes_sound:
+    raise ValueError(f'codec {pipe.config.codec.preset!r} has no weights (config.codec.vae_ckpt, '
+                     'config.codec.vocoder_ckpt): it cannot make waveforms')
+  os.makedirs(out_dir, exist_ok=True)
+  index, count = jax.process_index(), jax.process_count()
+  items = items[index::count]
+  name = 'summary.json' if count == 1 else f'summary.{index}-of-{count}.json'
+  rate = pipe.sampler.codec_cfg.sample_rate
+  clips: dict[str, dict] = {}
+  jobs: list[Job] = []
+  for item in items:
+    paths = outputs(out_dir, item.id, codec, bool(item.video))
+    entry = clips[item.id] = {'id': item.id, 'video': item.video, 'caption': item.caption, **paths}
+    if item.error:
+      entry.update(status='failed', error=item.error)
+      continue
+    if not overwrite and all(os.path.exists(p) for p in paths.values()):
+      entry['status'] = 'skipped: outputs exist (--overwrite to redo)'
+      continue
+    try:
+      duration = probe_video(item.video).duration_s if item.video else pipe.net.duration_s
+      if random_features:
+        plan = pipe.plan(duration)
+        jobs.append(Job(item.id, plan, lambda i=item.id, p=plan: pipe.random_features(i, p)))
+      else:
+        jobs.append(pipe.video_job(item.id, item.video, item.caption, duration))
+    except (VideoError, ValueError) as e:
+      entry.update(status='failed', error=str(e))
+      continue
+    entry.update(duration_s=round(duration, 6), windows=jobs[-1].plan.num_windows)
+  summary = {'weights': dataclasses.asdict(pipe.weights), 'preset': pipe.config.preset,
+             'features': 'seeded random stand-ins' if random_features else f'encoders {pipe.config.encoders.preset}',
+             'seed': seed, 'batch': pipe.sampler.batch_size(batch or pipe.options.batch_size),
+             'devices': pipe.sampler.mesh.devices.size, 'device_kind': jax.local_devices()[0].device_kind,
+             'flow': {k: pipe.config.flow[k] for k in ('num_steps', 'method', 'cfg_strength')},
+             'sample': dataclasses.asdict(pipe.options), 'sample_rate': rate, 'clips': list(clips.values())}
+
+  def save(**extra):
+    done = [c for c in clips.values() if 'status' in c]
+    summary.update(extra, generated=sum(c['status'] == 'ok' for c in done),
+                   skipped=sum(c['status'].startswith('skipped') for c in done),
+                   failed=sum(c['status'] == 'failed' for c in done), pending=len(clips) - len(done))
+    write_json(os.path.join(out_dir, name), summary)
+
   start = time.perf_counter()
-  compiled = sampler.lower(params, feats, x0).compile()
-  compile_s = time.perf_counter() - start
-  start = time.perf_counter()
-  latents = np.asarray(jax.block_until_ready(compiled(params, feats, x0)))
-  run_s = time.perf_counter() - start
-  if not np.isfinite(latents).all():
-    raise FloatingPointError('sampling produced non-finite latents')
-  nfe = flow.num_steps * (2 if flow.method == 'heun' else 1) * (2 if flow.cfg_strength >= 1 else 1)
-  summary = {
-      'preset': config.preset, 'params': int(sum(np.size(x) for x in jax.tree.leaves(params))),
-      'weights': mmaudio_ckpt or f'fresh init, seed {config.seed} (untrained)',
-      'features': (f'encoders {config.encoders.preset} on {videos}' if videos else
-                   f'seeded random stand-ins, seed {config.seed}'),
-      'batch': int(x0.shape[0]), 'latent_shape': list(latents.shape),
-      'steps': flow.num_steps, 'method': flow.method, 'cfg_strength': flow.cfg_strength,
-      'network_evals_per_sample_batch': nfe, 'compile_s': round(compile_s, 3), 'sample_s': round(run_s, 3),
-      'latent_rms': float(np.sqrt(np.mean(latents ** 2))),
-      'left_right_rms_diff': float(np.sqrt(np.mean((latents[:, 0] - latents[:, -1]) ** 2))),
-      'device': jax.devices()[0].device_kind,
-  }
-  out = pathlib.Path(output_dir)
-  out.mkdir(parents=True, exist_ok=True)
-  if codec_params is not None:
-    start = time.perf_counter()
-    waves = np.asarray(jax.jit(lambda p, z: codec_lib.decode_binaural(codec_cfg, p, z))(codec_params, latents))
-    summary['decode_s'] = round(time.perf_counter() - start, 3)
-    summary['wav_files'] = []
-    for i, wave in enumerate(waves):  # (E, L) each
-      write_wav(out / f'sample_{i}.wav', wave, codec_cfg.sample_rate)
-      summary['wav_files'].append(f'sample_{i}.wav')
-    summary['wave_rms_left_right'] = [float(np.sqrt(np.mean(waves[:, e] ** 2))) for e in (0, -1)]
-  elif config.codec.preset:
-    summary['wav_files'] = f'none: codec {config.codec.preset} needs codec.vae_ckpt and codec.vocoder_ckpt'
-  write_safetensors({'latents': latents}, out / 'latents.safetensors',
-                    metadata={'config': config.to_json(), 'summary': json.dumps(summary)})
-  write_json(out / 'summary.json', summary, indent=2)
+  bar = tqdm(total=len(jobs), desc='clips', unit='clip', disable=not progress)
+  for result in pipe.generate(jobs, seed, batch):
+    entry = clips[result.job.id]
+    try:
+      if result.error is not None:
+        raise result.error
+      wave = np.asarray(result.wave)
+      write_wav(entry['wav'], wave, rate)
+      if 'video_out' in entry:  # a mono model's track goes to both channels
+        mux(entry['video'], np.repeat(wave, 2, 0) if wave.shape[0] == 1 else wave, rate, entry['video_out'], codec)
+      entry.update(status='ok', seconds=round(result.seconds, 3))
+    except Exception as e:  # noqa: BLE001 -- one clip's failure is reported, the others go on
+      entry.update(status='failed', error=f'{type(e).__name__}: {e}')
+    bar.update(1)
+    save()
+  bar.close()
+  save(wall_s=round(time.perf_counter() - start, 3))
   return summary

@@ -14,8 +14,8 @@ snapshot restored at a time (Orbax partial restore onto host numpy), so the host
 params-sized arrays whatever the number of checkpoints.
 
 Writes `<out>/checkpoints/<step>/` with items 'state' = {'params': ...} and 'config' (the run's), so
-`train.init_from=<out>` and `checkpoint.restore_params(<out>, ...)` read it like a run's latest
-checkpoint, and `<out>/posthoc.json`: the target, and every snapshot's step, EMA, time, gamma and
+`train.init_from=<out>`, `sample.py --checkpoint=<out> --params=raw` and
+`components.restore_run_params(<out>, ...)` read it like a run's latest checkpoint, and `<out>/posthoc.json`: the target, and every snapshot's step, EMA, time, gamma and
 weight. An existing non-empty `<out>` is refused unless --overwrite, which replaces those two entries.
 """
 from __future__ import annotations

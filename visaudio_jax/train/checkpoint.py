@@ -22,7 +22,8 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as keep_policy
 from orbax.checkpoint.checkpoint_managers import save_decision_policy as save_policy
 
-ITEMS = ('state', 'data', 'config')
+from visaudio_jax.components import CHECKPOINT_ITEMS
+
 
 
 class PreemptionWatch:
@@ -59,7 +60,7 @@ def make_manager(workdir: str | os.PathLike, config: ml_collections.ConfigDict) 
       enable_async_checkpointing=bool(ckpt.async_save), create=True)
   handlers = {'state': ocp.StandardCheckpointHandler(), 'data': grain.checkpoint.CheckpointHandler(),
               'config': ocp.JsonCheckpointHandler()}
-  return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), 'checkpoints'), item_names=ITEMS,
+  return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), 'checkpoints'), item_names=CHECKPOINT_ITEMS,
                                item_handlers=handlers, options=options)
 
 
@@ -78,28 +79,3 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any, data
   if data_iter is not None:
     args['data'] = grain.checkpoint.CheckpointRestore(data_iter)
   return manager.restore(step, args=ocp.args.Composite(**args)).state
-
-
-def restore_params(directory: str | os.PathLike, abstract_params: Any) -> Any:
-  """Only the params of another run's latest checkpoint (`init_from` a previous run), resharded for
-  this run; raises if the directory holds no checkpoint or the params do not match."""
-  directory = os.path.abspath(directory)
-  if os.path.isdir(os.path.join(directory, 'checkpoints')):
-    directory = os.path.join(directory, 'checkpoints')
-  # A partial restore (params only, no optimiser state) goes through the PyTree handler.
-  with ocp.CheckpointManager(directory, item_names=ITEMS, item_handlers={'state': ocp.PyTreeCheckpointHandler()},
-                             options=ocp.CheckpointManagerOptions(read_only=True)) as manager:
-    step = manager.latest_step()
-    if step is None:
-      raise FileNotFoundError(f'init_from={directory!r}: no checkpoint there')
-    stored = manager.item_metadata(step).state.tree
-    if 'params' not in stored:
-      raise ValueError(f'init_from={directory!r} step {step}: its state holds no params ({sorted(stored)})')
-    target = {'params': abstract_params}
-    try:
-      restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-          item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-          partial_restore=True)))
-    except (ValueError, KeyError) as e:
-      raise ValueError(f'init_from={directory!r} step {step}: its params do not fit this config: {e}') from e
-    return restored.state['params']

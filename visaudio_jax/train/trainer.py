@@ -89,7 +89,7 @@ def initial_params_fn(program: Program) -> Callable[[], Any] | None:
     return None
   if os.path.isdir(source):
     target = state_lib.with_shardings(program.abstract_state.params, program.shardings.params)
-    params = checkpoint.restore_params(source, target)
+    params = components.restore_run_params(source, target)
   else:
     net, variables = components.network_params(program.config, source)
     if net != program.net:

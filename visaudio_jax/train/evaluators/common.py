@@ -4,8 +4,11 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
+from visaudio_jax.audio.wav import write_wav
 from visaudio_jax.data import loader
 
 
@@ -26,12 +29,19 @@ class Evaluator:
 
 
 def eval_params(state: Any, ema: str) -> Any:
-  """The EMA called `ema` ('' = the raw params)."""
-  if not ema:
-    return state.params
-  if ema not in state.ema:
+  """The EMA called `ema` ('' = the raw params), on every process's local devices (sampling runs on
+  each process's own devices; with several processes the params are gathered first)."""
+  if ema and ema not in state.ema:
     raise ValueError(f'evaluator ema={ema!r}: the state has EMAs {sorted(state.ema)}')
-  return state.ema[ema]
+  params = state.ema[ema] if ema else state.params
+  return multihost_utils.process_allgather(params) if jax.process_count() > 1 else params
+
+
+def write_waves(directory: str | os.PathLike, ids, waves: np.ndarray, sample_rate: int) -> None:
+  """One stereo WAV per clip, `<directory>/<id>.wav`."""
+  os.makedirs(directory, exist_ok=True)
+  for clip_id, wave in zip(ids, waves):
+    write_wav(os.path.join(directory, f'{clip_id}.wav'), wave, sample_rate)
 
 
 def held_out(data_dir: str, split: str, count: int) -> dict[str, np.ndarray]:

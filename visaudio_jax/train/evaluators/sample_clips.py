@@ -8,9 +8,10 @@ import jax
 import numpy as np
 
 from visaudio_jax.eval.metrics import evaluate_arrays
-from visaudio_jax.sample.generate import WaveSampler, write_waves
+from visaudio_jax.sample.pipeline import sample_features
+from visaudio_jax.sample.sampler import Sampler
 from visaudio_jax.train.evaluators.common import Evaluator as Base
-from visaudio_jax.train.evaluators.common import eval_params, held_out
+from visaudio_jax.train.evaluators.common import eval_params, held_out, write_waves
 
 
 class Evaluator(Base):
@@ -19,7 +20,7 @@ class Evaluator(Base):
                ema: str = 'sigma_rel_0p05'):
     super().__init__(program, workdir, writer)
     self.split, self.num_clips, self.ema = split, int(num_clips), ema
-    self.sampler = WaveSampler.from_config(program.model, self.config)
+    self.sampler = Sampler.from_config(self.config)
     self._clips = None  # read on first use: the same clips every time
 
   def run(self, state, step: int) -> dict[str, float]:
@@ -28,7 +29,7 @@ class Evaluator(Base):
     if self._clips is None:
       self._clips = held_out(self.config.data.dir, self.split, self.num_clips)
     clips = self._clips
-    waves = self.sampler(eval_params(state, self.ema), clips, seed=step)
+    waves = sample_features(self.sampler, eval_params(state, self.ema), clips, seed=step)
     sr = int(clips['sample_rate'][0])
     if jax.process_index() == 0:
       write_waves(os.path.join(self.workdir, 'samples', f'{step:08d}'), clips['id'], waves, sr)

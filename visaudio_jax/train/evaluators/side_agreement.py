@@ -18,10 +18,11 @@ from visaudio_jax.eval import spatial
 from visaudio_jax.eval.metrics import evaluate_arrays
 from visaudio_jax.eval.report import write_outputs
 from visaudio_jax.files import write_json
-from visaudio_jax.sample.generate import WaveSampler, balanced_batch, write_waves
+from visaudio_jax.sample.pipeline import sample_features
+from visaudio_jax.sample.sampler import Sampler, balanced_batch
 from visaudio_jax.train import state as state_lib
 from visaudio_jax.train.evaluators.common import Evaluator as Base
-from visaudio_jax.train.evaluators.common import eval_params, held_out
+from visaudio_jax.train.evaluators.common import eval_params, held_out, write_waves
 
 SEED = 1  # the trained and untrained nets' noise
 
@@ -60,7 +61,7 @@ class Evaluator(Base):
     super().__init__(program, workdir, writer)
     self.split, self.num_clips, self.ema = split, int(num_clips), ema
     self.lateral_deg, self.lateral_only, self.untrained_draws = float(lateral_deg), bool(lateral_only), int(untrained_draws)
-    self.sampler = WaveSampler.from_config(program.model, self.config)
+    self.sampler = Sampler.from_config(self.config)
     self.untrained_params = None
 
   def start(self, state, how: str) -> None:
@@ -90,16 +91,16 @@ class Evaluator(Base):
                 'note': f'no clip is {self.lateral_deg} degrees to one side throughout'}
     sr = int(clips['sample_rate'][0])
     batch = balanced_batch(len(side))  # the untrained draws reuse the trained samples' compiled shapes
-    trained = self.sampler(eval_params(state, self.ema), clips, seed=SEED, batch=batch)
+    trained = sample_features(self.sampler, eval_params(state, self.ema), clips, SEED, batch)
     reference = clips['audio']
     mono = np.repeat(reference.mean(1, keepdims=True), 2, axis=1)
     systems = {'trained': (trained[lateral], side[lateral]), 'untrained': None,
                'mono_duplicate': (mono[lateral], side[lateral]), 'reference': (reference[lateral], side[lateral])}
     draws = self.untrained_draws
     if lateral.any() and draws:  # only on the clips it is scored on: sampling is the slow part
-      repeated = {k: np.concatenate([v[lateral]] * draws) for k, v in clips.items()}
-      systems['untrained'] = (self.sampler(self._untrained(), repeated, seed=SEED, batch=batch),
-                              np.tile(side[lateral], draws))
+      scored = {k: v[lateral] for k, v in clips.items()}
+      untrained = [sample_features(self.sampler, self._untrained(), scored, SEED + d, batch) for d in range(draws)]
+      systems['untrained'] = (np.concatenate(untrained), np.tile(side[lateral], draws))
     table = {name: None if s is None else side_agreement(clip_ild_db(s[0]), s[1]) for name, s in systems.items()}
     out_dir = os.path.join(self.workdir, 'final_eval')
     metrics = evaluate_arrays(trained, reference, sr, clips['id'], clips['source_azimuth_deg'])
