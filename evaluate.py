@@ -25,7 +25,7 @@ _PLOT_CLIPS = flags.DEFINE_integer('plot_clips', 3, 'Clips to draw spectrograms 
 _SEED = flags.DEFINE_integer('seed', 0, 'Seed of the random-pairing baseline.')
 
 SUMMARY = ('ild_mae', 'ild_high_mae', 'itd_mae', 'itd_coverage', 'iacc_mae', 'balance_corr', 'smr_error', 'bias_skill',
-           'ild_w1', 'itd_w1', 'spatial_fd', 'direction_ild', 'direction_itd')
+           'ild_w1', 'itd_w1', 'spatial_fd', 'direction_ild', 'direction_itd', 'side_agreement', 'side_clips')
 
 
 def main(argv):

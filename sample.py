@@ -1,6 +1,6 @@
 """Turn videos into binaural videos with a trained model (visaudio_jax/sample).
 
-  python sample.py --checkpoint=runs/tiny --video=data/biaudio_mini/demo/clips/test --out=out/demo
+  python sample.py --checkpoint=runs/tiny --manifest=data/biaudio_mini/demo/clips/test/manifest.jsonl --out=out/demo
   python sample.py --checkpoint=runs/large/checkpoints/300000 --video='clips/*.mp4' \
       --captions=captions.csv --out=out/large --params=raw --steps=50 --cfg=4.5 --batch=16
   python sample.py --checkpoint=weights/mmaudio_large_44k_v2.pth --config=configs/large_44k_v2.py \
@@ -43,7 +43,7 @@ else:
 _CKPT = flags.DEFINE_string('checkpoint', None, 'A train.py workdir (latest step), RUN/checkpoints/<step>, or an '
                             'MMAudio .pth/.safetensors; none: fresh seeded weights (benchmarks).')
 _VIDEOS = flags.DEFINE_multi_string('video', [], 'Video files, folders or globs (repeat the flag); id = file stem.')
-_MANIFEST = flags.DEFINE_string('manifest', None, 'CSV id,video[,caption] instead of --video.')
+_MANIFEST = flags.DEFINE_string('manifest', None, 'CSV id,video[,caption] or a dataset manifest .jsonl, instead of --video.')
 _CAPTIONS_CSV = flags.DEFINE_string('captions', None, 'CSV id,caption for the --video clips.')
 _CAPTIONS = flags.DEFINE_multi_string('caption', [], 'One caption for all videos, or one per video in order.')
 _OUT = flags.DEFINE_string('out', 'out/sample', 'Output folder.')

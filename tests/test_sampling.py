@@ -246,6 +246,10 @@ def test_inputs_from_folders_globs_manifests_and_caption_tables(tmp_path):
   manifest.write_text('id,video,caption\none,b.mp4,a dog\ntwo,,x\n')
   one, two = inputs.gather(manifest=str(manifest))
   assert one.video == str(tmp_path / 'b.mp4') and one.caption == 'a dog' and 'no video given' in two.error
+  jsonl = tmp_path / 'manifest.jsonl'  # a dataset manifest (BiAudio-mini's): its wav column is ignored
+  jsonl.write_text('{"id": "x1", "video": "b.mp4", "wav": "b.wav", "caption": "a hiss"}\n')
+  (x1,) = inputs.gather(manifest=str(jsonl))
+  assert (x1.id, x1.video, x1.caption) == ('x1', str(tmp_path / 'b.mp4'), 'a hiss')
   with pytest.raises(ValueError, match=r"same output: 'c'"):
     inputs.gather([str(tmp_path / 'sub'), str(tmp_path / 'sub' / 'c.mp4')])
   with pytest.raises(ValueError, match='3 captions for 2 videos'):

@@ -49,6 +49,7 @@ from visaudio_jax.eval.quality import Embedder, resample
 __all__ = ['SYSTEMS', 'BASELINES', 'MetricInfo', 'metric_info', 'is_better', 'min_samples', 'evaluate_arrays']
 
 SYSTEMS = ('generated', 'reference', 'swapped', 'mono', 'random')
+LATERAL_DEG = 20.0  # a clip is clearly lateral when its source stays this far off the median plane, on one side
 BASELINES = SYSTEMS[1:]
 
 
@@ -86,6 +87,9 @@ _INFO = {
     'spatial_fd': MetricInfo('distribution', 'lower', '', 'Fréchet distance of DSP spatial clip features'),
     'direction_ild': MetricInfo('direction', 'higher', 'share', 'lateral frames whose ILD points to the true side'),
     'direction_itd': MetricInfo('direction', 'higher', 'share', 'lateral frames whose ITD points to the true side'),
+    'side_agreement': MetricInfo('direction', 'higher', 'share', 'clearly lateral clips whose clip ILD points to '
+                                 'the true side (0 dB counts 1/2)'),
+    'side_clips': MetricInfo('direction', None, 'clips', f'clips >= {LATERAL_DEG:g} deg to one side throughout'),
     'direction_frames': MetricInfo('direction', None, 'frames', 'frames counted for direction accuracy'),
 }
 _FAIRPLAY = ('stft', 'env', 'mag', 'phase', 'snr')
@@ -181,6 +185,32 @@ def _to_rate(wave: np.ndarray, orig_sr: int, target_sr: int, batch_size: int) ->
 def min_samples(cfg: sp.SpatialConfig) -> int:
   """Shortest clip (at cfg.sample_rate) the paired metrics accept: one frame and one balance window."""
   return max(cfg.frame_length, cfg.balance_window)
+
+
+def clip_ild_db(waves: np.ndarray, cfg: sp.SpatialConfig = sp.SPATIAL_16K) -> np.ndarray:
+  """(K, 2, L) -> (K,) broadband ILD in dB, mean over the clip's active frames (0 when silent)."""
+  feats = sp.jitted_frame_features(cfg, jnp.asarray(waves))
+  active = np.asarray(feats['active'], np.float64)
+  ild = np.asarray(feats['ild'], np.float64)
+  return np.where(active.sum(-1) > 0, (ild * active).sum(-1) / np.maximum(active.sum(-1), 1), 0.0)
+
+
+def side_agreement(ild_db: np.ndarray, side: np.ndarray) -> float | None:
+  """Share of clips whose ILD sign is the true side (+1 left, -1 right); an ILD of exactly 0 (no
+  lateral cue at all, e.g. a mono duplicate) counts as a coin flip, 1/2. None without clips."""
+  if not len(side):
+    return None
+  return float(np.mean(np.where(ild_db == 0, 0.5, np.sign(ild_db) == side)))
+
+
+def lateral_sides(azimuth_deg: np.ndarray, lateral_deg: float) -> tuple[np.ndarray, np.ndarray]:
+  """(K, T) source azimuths (+90 = left) -> (clearly lateral (K,) bool, side (K,) +1 left / -1 right):
+  lateral when every point is at least `lateral_deg` off the median plane, all on one side (by the
+  lateral angle, so a source behind counts like its mirror in front)."""
+  sin_az = np.sin(np.deg2rad(azimuth_deg))
+  lateral = np.all(np.abs(sin_az) >= np.sin(np.deg2rad(lateral_deg)), -1) & np.all(
+      np.sign(sin_az) == np.sign(sin_az[:, :1]), -1)
+  return lateral, np.sign(sin_az[:, 0])
 
 
 def evaluate_arrays(generated: Any, reference: Any, sample_rate: int, ids: Sequence[str] | None = None,
@@ -349,6 +379,12 @@ def evaluate_arrays(generated: Any, reference: Any, sample_rate: int, ids: Seque
       put(f'direction_{cue}', acc, cat[f'direction_{cue}_clip'])
     counts = dict(zip(systems, direction_count))
     metrics['direction_frames'] = {s: int(counts[s]) if s in counts else None for s in SYSTEMS}
+    lateral, side = lateral_sides(azimuth, LATERAL_DEG)
+    if lateral.any():  # the demo's check (train/evaluators/side_agreement.py), per system
+      active = frames['active'].astype(np.float64)
+      ild = np.where(active.sum(-1) > 0, (np.nan_to_num(frames['ild']) * active).sum(-1) / np.maximum(active.sum(-1), 1), 0.0)
+      put('side_agreement', [side_agreement(ild[v][lateral], side[lateral]) for v in range(len(systems))])
+      metrics['side_clips'] = {s: int(lateral.sum()) if s in systems else None for s in SYSTEMS}
 
   mono_wins = [name for name, v in metrics.items() if is_better(name, v['mono'], v['generated'])]
   return {

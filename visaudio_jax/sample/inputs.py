@@ -13,6 +13,8 @@ import os
 import pathlib
 from typing import Sequence
 
+from visaudio_jax.data import extraction
+
 VIDEO_SUFFIXES = ('.mp4', '.mov', '.mkv', '.avi', '.webm', '.m4v')
 
 
@@ -47,7 +49,11 @@ def _read_csv(path: str, columns: tuple[str, ...]) -> list[dict[str, str]]:
 
 
 def read_manifest(path: str) -> list[Item]:
-  """A CSV `id,video,caption` (caption optional); videos relative to the CSV's folder."""
+  """A CSV `id,video,caption` (caption optional), or a dataset's JSON-lines manifest (`.jsonl`, as
+  BiAudio-mini and `data_prep/extract_features.py` use; its wav column is ignored); videos relative to
+  the manifest's folder."""
+  if path.endswith('.jsonl'):
+    return [Item(c.id, c.video, c.caption) for c in extraction.read_manifest(path)]
   rows = _read_csv(path, ('id', 'video'))
   base = os.path.dirname(os.path.abspath(path))
   items = []

@@ -81,6 +81,7 @@ class Result:
   job: Job
   wave: np.ndarray | None = None
   latents: list[np.ndarray] | None = None  # per window (E, N, C)
+  window_waves: list[np.ndarray] | None = None  # per window (E, N * samples per latent), before stitching
   error: Exception | None = None
   seconds: float = 0.0  # wall time from the clip's first batch to its last (sharing batches with others)
 
@@ -112,7 +113,7 @@ class Sampler:
     self.replicated = jax.NamedSharding(self.mesh, jax.P())
     self.param_shardings = nn.logical_to_mesh_sharding(sharding.logical_specs(net), self.mesh, self.rules)['params']
     self._codec_on_mesh = None
-    self._programs: dict[float, Callable] = {}  # window duration -> jitted window program
+    self._programs: dict[tuple[float, float], Callable] = {}  # (window duration, release_t) -> jitted program
 
   @classmethod
   def from_config(cls, config: Any, mesh: jax.sharding.Mesh | None = None) -> 'Sampler':
@@ -148,11 +149,12 @@ class Sampler:
     return jax.device_put(params, self.param_shardings)
 
   def _program(self, duration_s: float) -> Callable:
-    if duration_s not in self._programs:
-      self._programs[duration_s] = self._build_program(duration_s)
-    return self._programs[duration_s]
+    key = (duration_s, self.release_t)
+    if key not in self._programs:
+      self._programs[key] = self._build_program(*key)
+    return self._programs[key]
 
-  def _build_program(self, duration_s: float) -> Callable:
+  def _build_program(self, duration_s: float, release_t: float) -> Callable:
     model = FlowNetwork(self.network(duration_s))
     latent_shape = feature_shapes(model.cfg)['latent']
     decode = self.codec_params is not None
@@ -163,7 +165,7 @@ class Sampler:
       x0 = jax.vmap(lambda k: jax.random.normal(k, latent_shape))(keys)
       x0 = fm.correlate_ears(x0, self.flow.ear_noise_correlation)
       latents = fm.generate(model, {'params': params}, feats, x0, self.flow, negative_text_f,
-                            known=known, known_mask=known_mask, release_t=self.release_t)
+                            known=known, known_mask=known_mask, release_t=release_t)
       waves = codec_lib.decode_binaural(self.codec_cfg, codec_params, latents) if decode else None
       return latents, waves
 
@@ -247,6 +249,6 @@ class Sampler:
         if slot.window == slot.job.plan.num_windows:
           slots[i] = None
           yield Result(slot.job, wave=None if waves is None else stitch(slot.job.plan, slot.waves),
-                       latents=slot.latents, seconds=time.perf_counter() - slot.started)
+                       latents=slot.latents, window_waves=slot.waves, seconds=time.perf_counter() - slot.started)
       if on_window:
         on_window(len(live))

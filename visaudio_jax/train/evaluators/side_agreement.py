@@ -11,11 +11,9 @@ from __future__ import annotations
 import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from visaudio_jax.eval import spatial
-from visaudio_jax.eval.metrics import evaluate_arrays
+from visaudio_jax.eval.metrics import LATERAL_DEG, clip_ild_db, evaluate_arrays, lateral_sides, side_agreement
 from visaudio_jax.eval.report import write_outputs
 from visaudio_jax.files import write_json
 from visaudio_jax.sample.pipeline import sample_features
@@ -27,36 +25,10 @@ from visaudio_jax.train.evaluators.common import eval_params, held_out, write_wa
 SEED = 1  # the trained and untrained nets' noise
 
 
-def clip_ild_db(waves: np.ndarray, cfg: spatial.SpatialConfig = spatial.SPATIAL_16K) -> np.ndarray:
-  """(K, 2, L) -> (K,) broadband ILD in dB, mean over the clip's active frames (0 when silent)."""
-  feats = spatial.jitted_frame_features(cfg, jnp.asarray(waves))
-  active = np.asarray(feats['active'], np.float64)
-  ild = np.asarray(feats['ild'], np.float64)
-  return np.where(active.sum(-1) > 0, (ild * active).sum(-1) / np.maximum(active.sum(-1), 1), 0.0)
-
-
-def side_agreement(ild_db: np.ndarray, side: np.ndarray) -> float | None:
-  """Share of clips whose ILD sign is the true side (+1 left, -1 right); an ILD of exactly 0 (no
-  lateral cue at all, e.g. a mono duplicate) counts as a coin flip, 1/2. None without clips."""
-  if not len(side):
-    return None
-  return float(np.mean(np.where(ild_db == 0, 0.5, np.sign(ild_db) == side)))
-
-
-def lateral_sides(azimuth_deg: np.ndarray, lateral_deg: float) -> tuple[np.ndarray, np.ndarray]:
-  """(K, T) source azimuths (+90 = left) -> (clearly lateral (K,) bool, side (K,) +1 left / -1 right):
-  lateral when every point is at least `lateral_deg` off the median plane, all on one side (by the
-  lateral angle, so a source behind counts like its mirror in front)."""
-  sin_az = np.sin(np.deg2rad(azimuth_deg))
-  lateral = np.all(np.abs(sin_az) >= np.sin(np.deg2rad(lateral_deg)), -1) & np.all(
-      np.sign(sin_az) == np.sign(sin_az[:, :1]), -1)
-  return lateral, np.sign(sin_az[:, 0])
-
-
 class Evaluator(Base):
 
   def __init__(self, program, workdir, writer, *, split: str = 'test', num_clips: int = 70,
-               ema: str = 'sigma_rel_0p05', lateral_deg: float = 20.0, lateral_only: bool = True,
+               ema: str = 'sigma_rel_0p05', lateral_deg: float = LATERAL_DEG, lateral_only: bool = True,
                untrained_draws: int = 4):
     super().__init__(program, workdir, writer)
     self.split, self.num_clips, self.ema = split, int(num_clips), ema
